@@ -1,0 +1,223 @@
+"""The addon with mitmproxy's own test helpers: options, host matching per proxy mode, the
+short-circuit. The OAuth server here is a closed loopback port (a real refused connection)."""
+
+import json
+import socket
+import time
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.proxy import mode_specs
+from mitmproxy.test import taddons, tflow, tutils
+
+from qwenproxy.addon import QwenAuth, target_name
+from qwenproxy.store import CredentialStore, Credentials
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def valid_creds(resource_url="portal.qwen.ai", token="tok-" + "x" * 40) -> Credentials:
+    return Credentials(
+        access_token=token,
+        refresh_token="refresh-" + "y" * 30,
+        token_type="Bearer",
+        expiry_date=int((time.time() + 3600) * 1000),
+        resource_url=resource_url,
+    )
+
+
+@pytest.fixture
+def addon():
+    return QwenAuth()
+
+
+@pytest.fixture
+def tctx(addon, tmp_path):
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            qwen_home=str(tmp_path / "qwen"),
+            qwen_oauth_url=f"http://127.0.0.1:{closed_port()}",
+            qwen_open_browser=False,
+            qwen_retry_after=7,
+        )
+        yield tctx
+        addon.done()
+
+
+def flow_to(host, *, port=443, scheme="https", path="/v1/chat/completions", mode="regular", sni=None, headers=()):
+    req = tutils.treq(host=host, port=port, scheme=scheme.encode(), path=path.encode(), method=b"POST")
+    req.headers.clear()
+    for k, v in headers:
+        req.headers[k] = v
+    f = tflow.tflow(req=req)
+    f.client_conn.proxy_mode = mode_specs.ProxyMode.parse(mode)
+    f.client_conn.sni = sni
+    f.server_conn.sni = sni
+    return f
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("qwen_hosts", ["https://portal.qwen.ai"]),
+        ("qwen_hosts", [""]),
+        ("qwen_retry_after", -1),
+        ("qwen_retry_after", 100000),
+        ("qwen_auth_timeout", -5),
+        ("qwen_oauth_url", "http://chat.qwen.ai"),
+        ("qwen_oauth_url", "not a url"),
+    ],
+)
+def test_invalid_options_fail_fast(tctx, addon, option, value):
+    with pytest.raises(exceptions.OptionsError):
+        tctx.configure(addon, **{option: value})
+
+
+def test_qwen_home_that_is_a_file_is_refused(tctx, addon, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(exceptions.OptionsError, match="not a directory"):
+        tctx.configure(addon, qwen_home=str(tmp_path / "file"))
+
+
+def test_defaults_are_qwen_hosts(tctx, addon):
+    assert {"portal.qwen.ai", "dashscope.aliyuncs.com", "dashscope-intl.aliyuncs.com"} == addon.hosts
+    assert tctx.options.qwen_open_browser is False
+    assert tctx.options.qwen_oauth_url.startswith("http://127.0.0.1")
+
+
+# -- which host a flow is for ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(host="portal.qwen.ai"), "portal.qwen.ai"),
+        (dict(host="PORTAL.qwen.ai."), "portal.qwen.ai"),
+        (dict(host="portal.qwen.ai", mode="reverse:https://portal.qwen.ai"), "portal.qwen.ai"),
+        (dict(host="portal.qwen.ai", mode="upstream:http://127.0.0.1:3128"), "portal.qwen.ai"),
+        (dict(host="203.0.113.9", mode="transparent", sni="portal.qwen.ai"), "portal.qwen.ai"),
+        (dict(host="203.0.113.9", mode="local", sni="dashscope.aliyuncs.com"), "dashscope.aliyuncs.com"),
+        (
+            dict(host="203.0.113.9", port=80, scheme="http", mode="transparent", headers=[("Host", "portal.qwen.ai:80")]),
+            "portal.qwen.ai",
+        ),
+        (dict(host="203.0.113.9", mode="wireguard"), "203.0.113.9"),
+    ],
+)
+def test_target_name_in_each_proxy_mode(kwargs, name):
+    assert target_name(flow_to(**kwargs)) == name
+
+
+# -- the two outcomes ------------------------------------------------------------------------
+
+
+async def test_token_and_qwen_code_headers_are_injected(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai", headers=[("Authorization", "Bearer sk-dummy"), ("User-Agent", "curl/8")])
+    await tctx.cycle(addon, f)
+    assert f.request.headers["Authorization"] == "Bearer " + valid_creds().access_token
+    assert f.request.headers["X-DashScope-AuthType"] == "qwen-oauth"
+    assert f.request.headers["User-Agent"].startswith("QwenCode/")
+    assert f.request.headers["X-DashScope-UserAgent"] == f.request.headers["User-Agent"]
+    assert f.request.headers["X-DashScope-CacheControl"] == "enable"
+    assert f.request.url == "https://portal.qwen.ai/v1/chat/completions"
+
+
+async def test_other_hosts_and_the_oauth_host_are_untouched(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    for host in ("example.com", "chat.qwen.ai", "portal.qwen.ai.evil.com", "qwen.ai"):
+        f = flow_to(host, headers=[("Authorization", "Bearer mine")])
+        await tctx.cycle(addon, f)
+        assert f.request.headers["Authorization"] == "Bearer mine"
+        assert "X-DashScope-AuthType" not in f.request.headers
+        assert f.request.host == host
+
+
+async def test_dashscope_request_is_routed_to_the_account_endpoint(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds("portal.qwen.ai"))
+    f = flow_to("dashscope.aliyuncs.com", path="/compatible-mode/v1/chat/completions?x=1")
+    await tctx.cycle(addon, f)
+    assert f.request.url == "https://portal.qwen.ai/v1/chat/completions?x=1"
+    assert f.request.host_header in (None, "portal.qwen.ai")
+    assert "routed" in f.comment
+
+
+async def test_routing_can_be_turned_off(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds("portal.qwen.ai"))
+    tctx.configure(addon, qwen_route=False)
+    f = flow_to("dashscope.aliyuncs.com", path="/compatible-mode/v1/models")
+    await tctx.cycle(addon, f)
+    assert f.request.url == "https://dashscope.aliyuncs.com/compatible-mode/v1/models"
+    assert f.request.headers["Authorization"].startswith("Bearer tok-")
+
+
+async def test_plain_http_to_a_qwen_host_is_upgraded_to_tls(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai", port=80, scheme="http")
+    await tctx.cycle(addon, f)
+    assert (f.request.scheme, f.request.port) == ("https", 443)
+
+
+async def test_captured_ip_is_replaced_by_the_matched_name(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("203.0.113.9", mode="transparent", sni="portal.qwen.ai")
+    await tctx.cycle(addon, f)
+    assert f.request.host == "portal.qwen.ai"
+
+
+async def test_account_endpoint_host_is_matched_even_if_not_configured(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds("https://qwen.example.test:8443/v1"))
+    f = flow_to("qwen.example.test", port=8443)
+    await tctx.cycle(addon, f)
+    assert f.request.headers["Authorization"].startswith("Bearer tok-")
+
+
+async def test_no_login_answers_503_with_retry_after_and_openai_error(tctx, addon):
+    f = flow_to("portal.qwen.ai", headers=[("Authorization", "Bearer sk-dummy")])
+    await tctx.cycle(addon, f)
+    assert f.response.status_code == 503
+    assert f.response.headers["Retry-After"] == "7"
+    error = json.loads(f.response.content)["error"]
+    assert {"message", "type", "code"} <= error.keys()
+    # The OAuth server is unreachable here, so the message says why the login failed.
+    assert "login" in error["message"].lower()
+    assert f.comment.startswith("qwen: answered 503")
+    assert f.request.headers["Authorization"] == "Bearer sk-dummy"
+
+
+async def test_flows_already_answered_or_dead_are_left_alone(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai")
+    f.live = False
+    await addon.requestheaders(f)
+    assert "Authorization" not in f.request.headers
+
+
+async def test_event_stream_responses_are_streamed(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai")
+    await addon.requestheaders(f)
+    f.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream; charset=utf-8")])
+    addon.responseheaders(f)
+    assert f.response.stream is True
+
+    other = flow_to("example.com")
+    other.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")])
+    addon.responseheaders(other)
+    assert not other.response.stream
+
+
+async def test_status_command_never_shows_the_token(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    addon.tokens.usable()
+    text = addon.status()
+    assert "state: valid" in text
+    assert valid_creds().access_token not in text
