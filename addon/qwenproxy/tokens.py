@@ -272,6 +272,12 @@ class TokenManager:
         self._login_task.add_done_callback(_retrieve)
         return True
 
+    async def wait_login(self) -> None:
+        """Wait until the running login (if any) has ended, whatever its outcome."""
+        task = self._login_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+
     async def login_pending(self) -> Unavailable:
         """Make sure a login runs and describe it. Waits (bounded) for the device code so the
         answer can carry the link."""
