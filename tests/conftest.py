@@ -1,13 +1,21 @@
-"""Shared fixtures: the local Qwen stand-in and a clock tests can move."""
+"""Shared fixtures: the local Qwen stand-in, a clock tests can move, and a real mitmdump with the
+addon in front of the stand-in."""
 
 from __future__ import annotations
 
+import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-
 from qwenproxy.standin import StandIn
+from qwenproxy.store import Credentials, CredentialStore
+
+from .harness import Mitmdump
+
+CHAT = {"model": "coder-model", "messages": [{"role": "user", "content": "hello"}]}
 
 
 class FakeClock:
@@ -51,3 +59,55 @@ def make_standin(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
 def standin(make_standin: Callable[..., StandIn]) -> StandIn:
     """A running HTTPS stand-in with default settings and the real clock."""
     return make_standin()
+
+
+# -- a real mitmdump with the addon, in front of the stand-in -------------------------------
+
+
+@pytest.fixture(scope="session")
+def mitm_confdir(tmp_path_factory):
+    """One mitmproxy CA for the whole session: generating it is the slow part of a start."""
+    return tmp_path_factory.mktemp("mitmproxy")
+
+
+@pytest.fixture
+def start_proxy(standin, tmp_path, mitm_confdir):
+    started: list[Mitmdump] = []
+
+    def start(mode: str = "regular", **options) -> Mitmdump:
+        options.setdefault("qwen_hosts", ["localhost"])
+        proxy = Mitmdump(
+            confdir=mitm_confdir,
+            qwen_home=tmp_path / "qwen",
+            oauth_url=standin.base_url,
+            upstream_ca=standin.ca_path,
+            mode=mode,
+            options=options,
+        ).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def seed(standin, home, *, expired=False) -> Credentials:
+    minted = standin.mint_tokens()
+    expiry = time.time() + (-60 if expired else minted["expires_in"])
+    creds = Credentials(
+        access_token=minted["access_token"],
+        refresh_token=minted["refresh_token"],
+        token_type="Bearer",
+        expiry_date=int(expiry * 1000),
+        resource_url=minted["resource_url"],
+    )
+    CredentialStore(home).save(creds)
+    return creds
+
+
+def through(proxy: Mitmdump, **kwargs) -> httpx.AsyncClient:
+    """An httpx client that uses the proxy and trusts mitmproxy's CA."""
+    return httpx.AsyncClient(
+        proxy=proxy.proxy_url, verify=ssl.create_default_context(cafile=str(proxy.ca_cert)), timeout=30, **kwargs
+    )

@@ -38,6 +38,7 @@ class Mitmdump:
         mode: str = "regular",
         options: dict[str, object] | None = None,
         args: list[str] | None = None,
+        listen_host: str = "127.0.0.1",
     ):
         self.confdir = confdir
         self.options = {
@@ -51,6 +52,7 @@ class Mitmdump:
             **(options or {}),
         }
         self.mode = mode
+        self.listen_host = listen_host
         self.args = args or []
         self.port: int | None = None
         self.lines: list[str] = []
@@ -63,10 +65,10 @@ class Mitmdump:
 
     @property
     def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen_host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [str(MITMDUMP), "-s", str(SCRIPT), "--listen-host", "127.0.0.1", "-p", "0", "--mode", self.mode]
+        cmd = [str(MITMDUMP), "-s", str(SCRIPT), "--listen-host", self.listen_host, "-p", "0", "--mode", self.mode]
         for key, value in self.options.items():
             if isinstance(value, (list, tuple)):
                 for item in value:

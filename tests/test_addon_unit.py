@@ -9,9 +9,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
-
 from qwenproxy.addon import QwenAuth, target_name
-from qwenproxy.store import CredentialStore, Credentials
+from qwenproxy.store import Credentials, CredentialStore
 
 
 def closed_port() -> int:
@@ -221,3 +220,125 @@ async def test_status_command_never_shows_the_token(tctx, addon, tmp_path):
     text = addon.status()
     assert "state: valid" in text
     assert valid_creds().access_token not in text
+
+
+# -- tokens out of views, who may use them, where they may go --------------------------------
+
+
+async def test_token_is_put_on_late_and_redacted_once_it_went_upstream(tctx, addon, tmp_path):
+    creds = valid_creds()
+    CredentialStore(tmp_path / "qwen").save(creds)
+    f = flow_to("portal.qwen.ai")
+    await addon.requestheaders(f)
+    # mitmweb and the console pick the flow up after requestheaders: no token yet.
+    assert "Authorization" not in f.request.headers
+    await addon.request(f)
+    assert f.request.headers["Authorization"] == f"Bearer {creds.access_token}"
+    f.response = tutils.tresp()
+    addon.responseheaders(f)
+    assert creds.access_token not in f.request.headers["Authorization"]
+    assert f.request.headers["Authorization"].startswith("Bearer <qwen token redacted")
+    assert creds.access_token not in json.dumps(f.get_state(), default=repr)
+
+
+async def test_streamed_request_bodies_get_the_token_in_requestheaders(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai")
+    f.request.stream = True
+    await addon.requestheaders(f)
+    assert f.request.headers["Authorization"].startswith("Bearer tok-")
+
+
+async def test_failed_flows_are_redacted_too(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai")
+    await tctx.cycle(addon, f)
+    f.response = None
+    f.request.headers["Authorization"] = f"Bearer {valid_creds().access_token}"
+    addon.error(f)
+    assert "redacted" in f.request.headers["Authorization"]
+
+
+async def test_replayed_flow_with_a_redacted_header_gets_a_fresh_token(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai", headers=[("Authorization", "Bearer <qwen token redacted: tok-...(44 chars)>")])
+    f.is_replay = "request"
+    await tctx.cycle(addon, f)
+    assert f.request.headers["Authorization"] == f"Bearer {valid_creds().access_token}"
+
+
+async def test_remote_clients_get_403_unless_allowed(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai")
+    f.client_conn.peername = ("192.0.2.7", 5000)
+    await tctx.cycle(addon, f)
+    assert f.response.status_code == 403
+    assert json.loads(f.response.content)["error"]["code"] == "qwen_remote_client"
+    assert "Authorization" not in f.request.headers
+
+    tctx.configure(addon, qwen_allow_remote=True)
+    f = flow_to("portal.qwen.ai")
+    f.client_conn.peername = ("192.0.2.7", 5000)
+    await tctx.cycle(addon, f)
+    assert f.request.headers["Authorization"].startswith("Bearer tok-")
+
+
+@pytest.mark.parametrize(
+    "peer,mode,local",
+    [
+        (("127.0.0.1", 1), "regular", True),
+        (("::1", 1, 0, 0), "regular", True),
+        (("::ffff:127.0.0.1", 1, 0, 0), "regular", True),
+        (("192.0.2.7", 1), "regular", False),
+        (("10.0.0.2", 1), "wireguard", False),
+        (("192.0.2.7", 1), "local", True),
+    ],
+)
+def test_which_clients_count_as_local(peer, mode, local):
+    from qwenproxy.addon import is_local_client
+
+    f = flow_to("portal.qwen.ai", mode=mode)
+    f.client_conn.peername = peer
+    assert is_local_client(f) is local
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # A Host header cannot make another destination a Qwen host.
+        dict(host="evil.example", headers=[("Host", "portal.qwen.ai")]),
+        dict(host="evil.example", sni="portal.qwen.ai"),
+        dict(host="portal.qwen.ai.evil.example"),
+        dict(host="evilportal.qwen.ai"),
+    ],
+)
+async def test_spoofed_names_do_not_get_the_token(tctx, addon, tmp_path, kwargs):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to(**kwargs)
+    await tctx.cycle(addon, f)
+    assert "Authorization" not in f.request.headers
+
+
+async def test_a_captured_flow_claiming_a_qwen_name_is_sent_to_that_name_only(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("198.51.100.66", port=80, scheme="http", mode="transparent", headers=[("Host", "portal.qwen.ai")])
+    await tctx.cycle(addon, f)
+    assert f.request.headers["Authorization"].startswith("Bearer tok-")
+    assert (f.request.scheme, f.request.host, f.request.port) == ("https", "portal.qwen.ai", 443)
+
+
+async def test_upstream_401_prepares_one_retry_and_buffers_the_error(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    f = flow_to("portal.qwen.ai")
+    await addon.requestheaders(f)
+    await addon.request(f)
+    f.response = tutils.tresp(status_code=401, headers=[(b"content-type", b"text/event-stream")])
+    addon.responseheaders(f)
+    assert not f.response.stream
+    assert addon.counters["upstream_401"] == 1
+
+
+@pytest.mark.parametrize("option,value", [("qwen_hold", -1), ("qwen_hold", 7200)])
+def test_invalid_hold_values_fail_fast(tctx, addon, option, value):
+    with pytest.raises(exceptions.OptionsError):
+        tctx.configure(addon, **{option: value})

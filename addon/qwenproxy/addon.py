@@ -1,32 +1,43 @@
 """The mitmproxy face: options, hooks, commands. Hooks are short and delegate.
 
-For each request to a Qwen API host: a usable token is injected (refreshed first if needed), or,
-while no login exists, the request is answered at once with 503 + Retry-After + an OpenAI-style
-error that carries the login link, and one device flow runs in the background.
+A request for a Qwen API host, from a client allowed to use the token:
+- `requestheaders`: get a usable token (waiting for the one shared refresh if needed) and route
+  the request; or answer at once with 503 + Retry-After + the login link while a login runs.
+- `request`: put the token on the request, as late as possible, so the flow that mitmweb and the
+  console show never carries it before it has to (streamed bodies get it in `requestheaders`).
+- `responseheaders`: the token has gone upstream: replace it in the flow by a redacted form;
+  stream server-sent events; on 401/403 prepare the one retry with a refreshed token.
+- `response`: do that retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import json
 import logging
 import ssl
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
 
-from . import routing
+from . import oauth, routing, status
 from .oauth import OAuthClient, check_oauth_base_url
 from .profile import QWEN, api_headers
-from .store import CredentialStore, Credentials, mask, resolve_home
+from .store import Credentials, CredentialStore, LockTimeout, mask, resolve_home
 from .terminal import TerminalAnnouncer
-from .tokens import TokenManager, Unavailable
+from .tokens import Snapshot, TokenManager, Unavailable
+from .upstream import Resender
 
 log = logging.getLogger(__name__)
 
-META = "qwen"  # flow.metadata key of the flows we handle
+META = "qwen"  # flow.metadata key of the flows we handle (saved with flows: never a token in it)
 
 
 def target_name(flow: http.HTTPFlow) -> str:
@@ -35,7 +46,7 @@ def target_name(flow: http.HTTPFlow) -> str:
     Regular, upstream and reverse modes know it (CONNECT target, absolute URL, reverse target).
     Transparent, local and WireGuard capture only know an IP: the name comes from the TLS SNI, or
     for plain HTTP from the Host header. Such claims are only trusted because the request is then
-    sent to that name (see `QwenAuth._inject`), never to the captured IP.
+    sent to that name (see `QwenAuth._route`), never to the captured IP.
     """
     host = flow.request.host
     if not routing.is_ip(host):
@@ -50,9 +61,45 @@ def target_name(flow: http.HTTPFlow) -> str:
     return routing.normalize_host(host)
 
 
+def is_local_client(flow: http.HTTPFlow) -> bool:
+    """Whether the client runs on this machine: a loopback peer, or traffic captured in local mode
+    (which only sees this machine's processes). WireGuard and others face the network."""
+    if isinstance(flow.client_conn.proxy_mode, mode_specs.LocalMode):
+        return True
+    try:
+        address = ipaddress.ip_address(flow.client_conn.peername[0].split("%", 1)[0])
+    except (ValueError, IndexError, TypeError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def error_body(message: str, type_: str, code: str, **extra: Any) -> bytes:
     """An OpenAI-style error document, which SDKs show to their users."""
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code, **extra}}).encode()
+
+
+def redacted(token: str) -> str:
+    """The Authorization value a flow keeps once the token went upstream (ASCII, never the token)."""
+    return f"Bearer <qwen token redacted: {mask(token).replace('…', '...')}>"
+
+
+def json_response(status_code: int, body: bytes, **headers: str) -> http.Response:
+    return http.Response.make(
+        status_code,
+        body,
+        {"Content-Type": "application/json", "Cache-Control": "no-store", **headers},
+    )
+
+
+@dataclasses.dataclass
+class _Handled:
+    """What the addon knows about one flow it put a token on. Kept off the flow (memory only)."""
+
+    creds: Credentials
+    injected: bool = False
+    retry: bool = False
 
 
 class QwenAuth:
@@ -60,10 +107,12 @@ class QwenAuth:
 
     def __init__(self) -> None:
         self.tokens: TokenManager | None = None
+        self.resender: Resender | None = None
         self.hosts: frozenset[str] = frozenset(QWEN.api_hosts)
         self.counters: Counter[str] = Counter()
         self._account: tuple[str | None, routing.Origin | None] = (None, None)
-        self._closing: set[asyncio.Task] = set()
+        self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, _Handled] = weakref.WeakKeyDictionary()
+        self._background: set[asyncio.Task] = set()
 
     # -- options ---------------------------------------------------------------------------
 
@@ -113,6 +162,20 @@ class QwenAuth:
             "Send Qwen API requests to the logged-in account's endpoint (from resource_url), "
             "mapping the path, when the client aimed at another Qwen host.",
         )
+        loader.add_option(
+            "qwen_hold",
+            int,
+            0,
+            "Seconds a Qwen request waits for a pending login to finish before it gets the 503; "
+            "for clients without retries. 0: answer 503 at once.",
+        )
+        loader.add_option(
+            "qwen_allow_remote",
+            bool,
+            False,
+            "Let clients that are not on this machine use the Qwen token through the proxy. "
+            "Off: they get 403.",
+        )
 
     def configure(self, updated: set[str]):
         opts = ctx.options
@@ -121,14 +184,10 @@ class QwenAuth:
                 self.hosts = routing.parse_hosts(opts.qwen_hosts)
             except ValueError as e:
                 raise exceptions.OptionsError(f"qwen_hosts: {e}") from e
-        if "qwen_retry_after" in updated and not 0 <= opts.qwen_retry_after <= 3600:
-            raise exceptions.OptionsError(
-                f"qwen_retry_after must be between 0 and 3600 seconds, got {opts.qwen_retry_after}"
-            )
-        if "qwen_auth_timeout" in updated and not 0 <= opts.qwen_auth_timeout <= 24 * 3600:
-            raise exceptions.OptionsError(
-                f"qwen_auth_timeout must be between 0 and 86400 seconds, got {opts.qwen_auth_timeout}"
-            )
+        for name, high in (("qwen_retry_after", 3600), ("qwen_auth_timeout", 86400), ("qwen_hold", 3600)):
+            value = getattr(opts, name)
+            if name in updated and not 0 <= value <= high:
+                raise exceptions.OptionsError(f"{name} must be between 0 and {high} seconds, got {value}")
         if "qwen_oauth_url" in updated:
             try:
                 check_oauth_base_url(opts.qwen_oauth_url)
@@ -138,7 +197,7 @@ class QwenAuth:
             home = resolve_home(opts.qwen_home or None)
             if home.exists() and not home.is_dir():
                 raise exceptions.OptionsError(f"qwen_home: {home} exists and is not a directory")
-        rebuild = {"qwen_home", "qwen_oauth_url", "ssl_verify_upstream_trusted_ca"}
+        rebuild = {"qwen_home", "qwen_oauth_url", "ssl_verify_upstream_trusted_ca", "ssl_insecure", "mode"}
         if self.tokens is None or updated & rebuild:
             self._build()
         else:
@@ -150,26 +209,34 @@ class QwenAuth:
     def _build(self) -> None:
         """(Re)create the token lifecycle from the options; the old one is closed in the background."""
         opts = ctx.options
-        old, self.tokens = self.tokens, None
-        if old is not None:
-            self._close_later(old)
+        old_tokens, old_resender = self.tokens, self.resender
+        self.tokens, self.resender = None, None
+        if old_tokens is not None:
+            self._spawn(old_tokens.aclose())
+        if old_resender is not None:
+            self._spawn(old_resender.aclose())
+        verify = _tls_context(opts.ssl_verify_upstream_trusted_ca)
         store = CredentialStore(resolve_home(opts.qwen_home or None))
-        client = OAuthClient(opts.qwen_oauth_url, verify=_tls_context(opts.ssl_verify_upstream_trusted_ca))
         self.tokens = TokenManager(
             store,
-            client,
+            OAuthClient(opts.qwen_oauth_url, verify=verify),
             auth_timeout_s=opts.qwen_auth_timeout,
             listener=TerminalAnnouncer(open_browser=opts.qwen_open_browser),
         )
+        self.resender = Resender(verify=False if opts.ssl_insecure else verify, proxy=_upstream_proxy(opts.mode))
 
-    def _close_later(self, tokens: TokenManager) -> None:
+    def _spawn(self, coro) -> asyncio.Task | None:
+        """Run `coro` in the background, owned by the addon; its failure is logged."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop: nothing of it ever ran
-        task = loop.create_task(tokens.aclose())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+            coro.close()  # no loop: nothing of it ever ran
+            return None
+        task = loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+        return task
 
     def running(self):
         assert self.tokens is not None
@@ -183,14 +250,40 @@ class QwenAuth:
             problem = f" ({snapshot.last_error})" if snapshot.last_error else ""
             log.warning(
                 "not logged in to Qwen%s: the first Qwen API request starts a login "
-                "(or run the qwen.login command)",
+                "(or run the qwen.login command, or open http://%s/ through the proxy)",
                 problem,
+                status.MAGIC_HOST,
+            )
+        self._warn_if_exposed()
+
+    def _warn_if_exposed(self) -> None:
+        opts = ctx.options
+        if not opts.qwen_allow_remote or opts.proxyauth:
+            return
+        exposed = [
+            spec
+            for spec in opts.mode
+            if not isinstance(mode_specs.ProxyMode.parse(spec), mode_specs.LocalMode)
+            and not _is_loopback_listen(mode_specs.ProxyMode.parse(spec).listen_host(opts.listen_host))
+        ]
+        if exposed:
+            log.warning(
+                "qwen_allow_remote is on and mitmproxy listens beyond loopback (%s) without "
+                "proxyauth: anyone who can reach it can use your Qwen account",
+                ", ".join(exposed),
             )
 
     def done(self):
+        # Flows still in flight are saved by `-w` on exit: take the token off them first.
+        for flow, handled in list(self._flows.items()):
+            if handled.injected:
+                self._redact(flow, handled)
         if self.tokens is not None:
-            self._close_later(self.tokens)
+            self._spawn(self.tokens.aclose())
             self.tokens = None
+        if self.resender is not None:
+            self._spawn(self.resender.aclose())
+            self.resender = None
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -198,52 +291,156 @@ class QwenAuth:
         if flow.response or flow.error or not flow.live or self.tokens is None:
             return
         name = target_name(flow)
-        if name not in self.hosts:
+        serve_status = status.is_status_request(name, flow.request.path)
+        if not serve_status and name not in self.hosts:
             account = self._account_origin(self.tokens.credentials)
             if account is None or name != account.host:
                 return
-        creds = self.tokens.usable()
+        if not ctx.options.qwen_allow_remote and not is_local_client(flow):
+            self._answer_remote(flow)
+            return
+        if serve_status:
+            self._serve_status(flow)
+            return
+        creds = self.tokens.usable() or await self._acquire(flow)
         if creds is None:
-            result = await self.tokens.acquire()
-            if isinstance(result, Unavailable):
-                self._answer_unavailable(flow, result)
+            return
+        self._route(flow, name, creds)
+        handled = self._flows[flow] = _Handled(creds)
+        if flow.request.stream:
+            self._inject(flow, handled)  # the headers leave before `request` runs
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        handled = self._flows.get(flow)
+        if handled is None or handled.injected or flow.response or flow.error:
+            return
+        if not handled.creds.is_usable(self.tokens.clock() if self.tokens else 0):
+            # The body took long to arrive and the token expired meanwhile.
+            creds = await self._acquire(flow)
+            if creds is None:
                 return
-            creds = result
-        self._inject(flow, name, creds)
+            handled.creds = creds
+        self._inject(flow, handled)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if META not in flow.metadata or flow.response is None:
+        handled = self._flows.get(flow)
+        if handled is None or flow.response is None:
             return
-        content_type = flow.response.headers.get("content-type", "")
-        if content_type.startswith("text/event-stream"):
+        self._redact(flow, handled)
+        response = flow.response
+        if response.status_code in (401, 403) and not handled.retry:
+            self.counters["upstream_401"] += 1
+            handled.retry = True
+            response.stream = False  # keep the small error body: the retry decides what the client gets
+            return
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
             # mitmproxy buffers bodies: without this, SSE answers arrive only when complete.
-            flow.response.stream = True
+            response.stream = True
 
-    # -- the two outcomes ------------------------------------------------------------------
+    async def response(self, flow: http.HTTPFlow) -> None:
+        handled = self._flows.get(flow)
+        if handled is None or not handled.retry or not flow.live:
+            return
+        await self._retry_rejected(flow, handled)
 
-    def _inject(self, flow: http.HTTPFlow, name: str, creds: Credentials) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
+        handled = self._flows.get(flow)
+        if handled is not None:
+            self._redact(flow, handled)
+
+    # -- getting a token -------------------------------------------------------------------
+
+    async def _acquire(self, flow: http.HTTPFlow) -> Credentials | None:
+        """A usable token, or None after answering the flow (503; held up to `qwen_hold` first)."""
+        assert self.tokens is not None
+        tokens = self.tokens
+        hold = ctx.options.qwen_hold
+        deadline = tokens.clock() + hold
+        while True:
+            result = await tokens.acquire()
+            if isinstance(result, Credentials):
+                return result
+            left = deadline - tokens.clock()
+            if left <= 0 or not tokens.login_running():
+                break
+            try:
+                await asyncio.wait_for(tokens.wait_login(), left)
+            except TimeoutError:
+                pass
+        self._answer_unavailable(flow, result)
+        return None
+
+    # -- what a flow gets ------------------------------------------------------------------
+
+    def _route(self, flow: http.HTTPFlow, name: str, creds: Credentials) -> None:
+        """Point the request at the account's endpoint, or at least at the matched name over TLS."""
         request = flow.request
         account = self._account_origin(creds)
-        routed = False
         if account is not None and ctx.options.qwen_route and name != account.host:
             path = routing.route(request.path, account)
             if path is not None:
                 request.scheme, request.host, request.port = account.scheme, account.host, account.port
                 request.path = path
-                routed = True
-        if not routed:
-            # Send to the name we matched, never to a captured IP that merely claimed it, and over TLS.
-            scheme = routing.secure_scheme(request.scheme, name)
-            if (request.host, request.scheme) != (name, scheme):
-                port = 443 if scheme != request.scheme and request.port == 80 else request.port
-                request.scheme, request.host, request.port = scheme, name, port
-        request.headers["Authorization"] = f"Bearer {creds.access_token}"
+                flow.comment = f"qwen: routed to the account's endpoint {account.url}"
+                return
+        # Send to the name we matched, never to a captured IP that merely claimed it, and over TLS.
+        scheme = routing.secure_scheme(request.scheme, name)
+        if (request.host, request.scheme) != (name, scheme):
+            port = 443 if scheme != request.scheme and request.port == 80 else request.port
+            request.scheme, request.host, request.port = scheme, name, port
+
+    def _inject(self, flow: http.HTTPFlow, handled: _Handled) -> None:
+        headers = flow.request.headers
+        headers["Authorization"] = f"Bearer {handled.creds.access_token}"
         for key, value in api_headers().items():
-            request.headers[key] = value
-        flow.metadata[META] = {"token": mask(creds.access_token), "routed": routed}
+            headers[key] = value
+        handled.injected = True
+        flow.metadata[META] = {"token": mask(handled.creds.access_token)}
         self.counters["injected"] += 1
-        if routed:
-            flow.comment = f"qwen: routed to the account's endpoint {account.url}"
+
+    def _redact(self, flow: http.HTTPFlow, handled: _Handled) -> None:
+        if flow.request.headers.get("Authorization", "").endswith(handled.creds.access_token):
+            flow.request.headers["Authorization"] = redacted(handled.creds.access_token)
+
+    async def _retry_rejected(self, flow: http.HTTPFlow, handled: _Handled) -> None:
+        """The API rejected the token: refresh once (shared) and send the request once more."""
+        assert self.tokens is not None and self.resender is not None and flow.response is not None
+        rejected = flow.response.status_code
+        log.info("Qwen API answered %d for %s; refreshing the token and retrying once", rejected, flow.request.url)
+        try:
+            creds = await self.tokens.refresh(rejected=handled.creds)
+        except oauth.InvalidGrant:
+            self._answer_unavailable(flow, await self.tokens.login_pending())
+            return
+        except (oauth.OAuthError, LockTimeout) as e:
+            log.warning("token refresh after an upstream %d failed: %s", rejected, e)
+            return  # the client gets the upstream's answer as it was
+        if flow.request.stream or flow.request.raw_content is None:
+            flow.response = json_response(
+                503,
+                error_body(
+                    f"The Qwen API rejected the token ({rejected}); it has been refreshed, but this "
+                    "request's body was streamed and cannot be sent again. Retry the request.",
+                    "qwen_token_rejected",
+                    "retry_request",
+                ),
+                **{"Retry-After": "0", "X-Should-Retry": "true"},
+            )
+            flow.comment = f"qwen: upstream {rejected}; token refreshed; streamed body not replayable"
+            return
+        headers = {"Authorization": f"Bearer {creds.access_token}"}
+        try:
+            answer = await self.resender.send(flow.request, headers)
+        except httpx.HTTPError as e:
+            log.warning("retry after an upstream %d failed: %s", rejected, e)
+            flow.response = json_response(
+                502, error_body(f"Retrying the request with a refreshed token failed: {e}", "qwen_retry_failed", "bad_gateway")
+            )
+            return
+        handled.creds = creds
+        flow.response = answer
+        flow.comment = f"qwen: upstream answered {rejected}; token refreshed and request retried ({answer.status_code})"
+        self.counters["retried"] += 1
 
     def _answer_unavailable(self, flow: http.HTTPFlow, why: Unavailable) -> None:
         retry_after = max(ctx.options.qwen_retry_after, why.retry_after)
@@ -256,20 +453,29 @@ class QwenAuth:
                 expires_in=why.login.seconds_left(self.tokens.clock()),
             )
         flow.request.stream = False  # a response and a streamed request body can't go together
-        flow.response = http.Response.make(
+        flow.response = json_response(
             503,
             error_body(why.reason, "qwen_login_required", why.code, **extra),
-            {
-                "Content-Type": "application/json",
-                "Retry-After": str(retry_after),
-                # The openai SDKs retry when told so, honouring Retry-After.
-                "X-Should-Retry": "true",
-                "Cache-Control": "no-store",
-            },
+            # The openai SDKs retry when told so, honouring Retry-After.
+            **{"Retry-After": str(retry_after), "X-Should-Retry": "true"},
         )
         flow.metadata[META] = {"answered": why.code}
         flow.comment = f"qwen: answered 503 by the addon: {why.reason}"
         self.counters["unavailable"] += 1
+
+    def _answer_remote(self, flow: http.HTTPFlow) -> None:
+        flow.request.stream = False
+        flow.response = json_response(
+            403,
+            error_body(
+                "This proxy lends its Qwen login only to clients on its own machine. To allow "
+                "others, start it with --set qwen_allow_remote=true (and protect it with proxyauth).",
+                "forbidden",
+                "qwen_remote_client",
+            ),
+        )
+        flow.comment = "qwen: refused a client that is not on this machine"
+        self.counters["refused_remote"] += 1
 
     def _account_origin(self, creds: Credentials | None) -> routing.Origin | None:
         """The account's API origin, computed once per resource_url (not per request)."""
@@ -285,13 +491,34 @@ class QwenAuth:
             self._account = (creds.resource_url, origin)
         return origin
 
-    # -- commands --------------------------------------------------------------------------
+    # -- status page and commands ----------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        assert self.tokens is not None
+        snap = self.tokens.snapshot()
+        return dataclasses.replace(snap, counters={**snap.counters, **self.counters})
+
+    def _serve_status(self, flow: http.HTTPFlow) -> None:
+        assert self.tokens is not None
+        page = status.respond(
+            flow.request.method,
+            target_name(flow),
+            flow.request.path,
+            flow.request.headers,
+            self.snapshot(),
+            self.tokens.clock(),
+            local_client=is_local_client(flow),
+            actions=self,
+        )
+        flow.request.stream = False
+        flow.response = http.Response.make(page.status, page.body, page.headers)
+        flow.metadata[META] = {"status_page": True}
 
     @command.command("qwen.status")
     def status(self) -> str:
         """Show the Qwen login state (never the token)."""
         assert self.tokens is not None
-        snap = self.tokens.snapshot()
+        snap = self.snapshot()
         parts = [f"state: {snap.state.value}"]
         if snap.endpoint:
             parts.append(f"endpoint: {snap.endpoint}")
@@ -301,32 +528,49 @@ class QwenAuth:
             parts.append(f"login: {snap.login.url} code {snap.login.user_code}")
         if snap.last_error:
             parts.append(f"last error: {snap.last_error}")
-        counters = {**snap.counters, **self.counters}
-        if counters:
-            parts.append(", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+        if snap.counters:
+            parts.append(", ".join(f"{k}={v}" for k, v in sorted(snap.counters.items())))
         text = "; ".join(parts)
         log.info("qwen: %s", text)
         return text
 
     @command.command("qwen.login")
-    def login(self) -> None:
+    def login(self) -> str:
         """Start a Qwen device-flow login now."""
         assert self.tokens is not None
-        if not self.tokens.start_login(force=True):
-            log.info("a Qwen login is already pending")
+        if self.tokens.start_login(force=True):
+            return "Qwen login started"
+        return "a Qwen login is already pending"
 
     @command.command("qwen.logout")
-    def logout(self) -> None:
+    def logout(self) -> str:
         """Delete the shared Qwen credentials (Qwen Code is logged out too)."""
         assert self.tokens is not None
-        task = asyncio.get_running_loop().create_task(self.tokens.logout())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._spawn(self.tokens.logout())
         log.warning("qwen: logged out; the next Qwen request starts a new login")
+        return "logged out"
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("qwen background task failed", exc_info=task.exception())
+
+
+def _is_loopback_listen(host: str) -> bool:
+    return bool(host) and oauth.is_loopback_host(host)
+
+
+def _upstream_proxy(modes: Sequence[str]) -> str | None:
+    """The upstream proxy of mitmproxy's upstream mode, which the retry must use too."""
+    for spec in modes:
+        mode = mode_specs.ProxyMode.parse(spec)
+        if isinstance(mode, mode_specs.UpstreamMode):
+            return f"{mode.scheme}://{mode.address[0]}:{mode.address[1]}"
+    return None
 
 
 def _tls_context(extra_ca: str | None) -> ssl.SSLContext | bool:
-    """Verification for OAuth calls: the system's CAs, plus mitmproxy's upstream CA file if set."""
+    """TLS verification: the system's CAs, plus mitmproxy's upstream CA file if set."""
     if not extra_ca:
         return True
     context = ssl.create_default_context()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from . import oauth
 from .oauth import DeviceAuthorization, OAuthClient, OAuthError
-from .store import CredentialStore, Credentials, LockTimeout
+from .store import Credentials, CredentialStore, LockTimeout
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class TokenManager:
         if creds is None and self.store.problem:
             self._last_error = self.store.problem
         self._loaded = True
-        if creds is not None and creds.is_usable(self.clock()) and self._login_running():
+        if creds is not None and creds.is_usable(self.clock()) and self.login_running():
             log.info("another process logged in; the pending login is no longer needed")
             assert self._login_task is not None
             self._login_task.cancel()
@@ -153,7 +153,7 @@ class TokenManager:
     def snapshot(self) -> Snapshot:
         creds = self._creds
         now = self.clock()
-        if self._login_running():
+        if self.login_running():
             state = State.LOGIN_PENDING
         elif self._refresh_task is not None and not self._refresh_task.done():
             state = State.REFRESHING
@@ -257,13 +257,13 @@ class TokenManager:
 
     # -- login -----------------------------------------------------------------------------
 
-    def _login_running(self) -> bool:
+    def login_running(self) -> bool:
         return self._login_task is not None and not self._login_task.done()
 
     def start_login(self, *, force: bool = False) -> bool:
         """Start the device flow in the background unless one runs (or just failed: cooldown).
         Returns whether a new one was started."""
-        if self._login_running():
+        if self.login_running():
             return False
         if not force and self.clock() < self._failed_until:
             return False
@@ -282,7 +282,7 @@ class TokenManager:
         """Make sure a login runs and describe it. Waits (bounded) for the device code so the
         answer can carry the link."""
         self.start_login()
-        if self._login_running() and self._login is None:
+        if self.login_running() and self._login is None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._login_started.wait()), self.login_wait_s)
             except TimeoutError:
@@ -303,7 +303,7 @@ class TokenManager:
                 retry_after=0,
                 login=login,
             )
-        if self._login_running():
+        if self.login_running():
             return Unavailable(reason="Qwen login is starting; retry shortly.", retry_after=0)
         error = self._last_error or "not logged in"
         return Unavailable(

@@ -1,0 +1,188 @@
+"""Operating it like a product, end to end with a real mitmdump: 401 recovery, hold mode, the
+status page and its login trigger, tokens kept out of saved flows and HAR files, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+from mitmproxy import io as mitmio
+
+from .conftest import CHAT, seed, through
+from .harness import Mitmdump
+
+pytestmark = pytest.mark.slow
+
+
+def chat_url(standin) -> str:
+    return f"{standin.base_url}/v1/chat/completions"
+
+
+async def test_revoked_access_token_is_refreshed_once_and_no_401_reaches_the_client(standin, start_proxy, tmp_path):
+    old = seed(standin, tmp_path / "qwen")
+    proxy = start_proxy()
+    async with through(proxy) as client:
+        assert (await client.post(chat_url(standin), json=CHAT)).status_code == 200
+        standin.revoke_access_tokens()
+        answers = await asyncio.gather(*(client.post(chat_url(standin), json=CHAT) for _ in range(20)))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert standin.counts["token_refresh"] == 1
+    assert standin.counts["unauthorized"] >= 1, "the upstream did reject the revoked token"
+    assert all(a.json()["object"] == "chat.completion" for a in answers)
+    assert standin.requests[-1].headers["Authorization"] != f"Bearer {old.access_token}"
+
+
+async def test_dead_refresh_token_gives_503_and_starts_a_login(standin, start_proxy, tmp_path):
+    seed(standin, tmp_path / "qwen")
+    proxy = start_proxy()
+    standin.revoke_access_tokens()
+    standin.revoke_refresh_tokens()
+    async with through(proxy) as client:
+        answer = await client.post(chat_url(standin), json=CHAT)
+    assert answer.status_code == 503
+    assert answer.json()["error"]["user_code"] in standin.pending_user_codes()
+    assert standin.counts["device_code"] == 1
+
+
+async def test_hold_mode_lets_a_client_without_retries_get_200_after_approval(standin, start_proxy):
+    proxy = start_proxy(qwen_hold=20)
+    approver = threading.Thread(target=lambda: standin.approve(standin.wait_for_device_code(30)), daemon=True)
+    approver.start()
+    async with through(proxy) as client:
+        answer = await client.post(chat_url(standin), json=CHAT)
+    approver.join()
+    assert answer.status_code == 200
+    assert standin.counts["device_code"] == 1
+
+
+async def test_hold_mode_does_not_block_other_traffic(standin, start_proxy, tmp_path):
+    proxy = start_proxy(qwen_hold=20)
+    async with through(proxy) as client:
+        held = asyncio.create_task(client.post(chat_url(standin), json=CHAT))
+        await asyncio.to_thread(standin.wait_for_device_code, 30)
+        # While that request waits, other hosts and the status page answer at once.
+        other = await client.get(f"https://127.0.0.1:{standin.port}/v1/models")
+        page = await client.get("http://qwen.auth/status.json")
+        assert other.status_code == 401 and page.json()["state"] == "login_pending"
+        assert not held.done()
+        standin.approve()
+        assert (await held).status_code == 200
+
+
+async def test_status_api_reports_each_state(standin, start_proxy):
+    proxy = start_proxy()
+    async with through(proxy) as client:
+        state = (await client.get("http://qwen.auth/", headers={"Accept": "application/json"})).json()
+        assert state["state"] == "logged_out" and state["login"] is None
+
+        assert (await client.post(chat_url(standin), json=CHAT)).status_code == 503
+        state = (await client.get("http://qwen.auth/status.json")).json()
+        assert state["state"] == "login_pending"
+        assert state["login"]["user_code"] in standin.pending_user_codes()
+        assert state["login"]["expires_in"] > 0
+        assert state["counters"]["unavailable"] == 1
+
+        mark = len(proxy.lines)
+        standin.approve()
+        proxy.wait_for_log("Qwen login approved", start=mark)
+        state = (await client.get("http://qwen.auth/status.json")).json()
+        assert state["state"] == "valid" and state["expires_in"] > 0
+        assert state["endpoint"] == standin.api_base_url
+        text = json.dumps(state)
+        assert all(t not in text for t in ("access_token", "refresh_token", "Bearer"))
+
+
+def test_status_page_at_the_reserved_path_in_reverse_mode(standin, start_proxy, tmp_path):
+    seed(standin, tmp_path / "qwen")
+    proxy = start_proxy(mode=f"reverse:{standin.base_url}")
+    page = httpx.get(f"http://127.0.0.1:{proxy.port}/__qwen__/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    data = httpx.get(f"http://127.0.0.1:{proxy.port}/__qwen__/status.json").json()
+    assert data["state"] == "valid"
+    assert standin.counts["chat"] == standin.counts["models"] == 0, "the status page never goes upstream"
+
+
+def test_login_trigger_from_loopback_starts_a_login(standin, start_proxy):
+    proxy = start_proxy(mode=f"reverse:{standin.base_url}")
+    answer = httpx.post(f"http://127.0.0.1:{proxy.port}/__qwen__/login")
+    assert answer.status_code == 200 and answer.json()["ok"] is True
+    standin.wait_for_device_code(10)
+    assert standin.counts["device_code"] == 1
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_non_loopback_clients_are_refused(standin, tmp_path, mitm_confdir):
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to connect from")
+    seed(standin, tmp_path / "qwen")
+    proxy = Mitmdump(
+        confdir=mitm_confdir,
+        qwen_home=tmp_path / "qwen",
+        oauth_url=standin.base_url,
+        upstream_ca=standin.ca_path,
+        mode=f"reverse:{standin.base_url}",
+        options={"qwen_hosts": ["localhost"]},
+        listen_host=address,
+    )
+    with proxy:
+        base = f"http://{address}:{proxy.port}"
+        login = httpx.post(f"{base}/__qwen__/login")
+        chat = httpx.post(f"{base}/v1/chat/completions", json=CHAT)
+    assert login.status_code == 403 and chat.status_code == 403
+    assert "qwen_allow_remote" in chat.json()["error"]["message"]
+    assert standin.counts["device_code"] == 0 and standin.counts["chat"] == 0
+
+
+def test_saved_flows_and_har_hold_no_token_and_replay_works(standin, tmp_path, mitm_confdir):
+    creds = seed(standin, tmp_path / "qwen")
+    flows, har = tmp_path / "flows.mitm", tmp_path / "flows.har"
+    common = dict(
+        confdir=mitm_confdir,
+        qwen_home=tmp_path / "qwen",
+        oauth_url=standin.base_url,
+        upstream_ca=standin.ca_path,
+        mode=f"reverse:{standin.base_url}",
+    )
+    with Mitmdump(**common, options={"qwen_hosts": ["localhost"], "hardump": har}, args=["-w", str(flows)]) as proxy:
+        for stream in (False, True):
+            answer = httpx.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert answer.status_code == 200
+    for path in (flows, har):
+        data = path.read_bytes()
+        assert creds.access_token.encode() not in data and creds.refresh_token.encode() not in data
+        assert b"qwen token redacted" in data
+    with flows.open("rb") as f:
+        saved = list(mitmio.FlowReader(f).stream())
+    assert len(saved) == 2
+    assert all(flow.request.headers["Authorization"].startswith("Bearer <qwen token redacted") for flow in saved)
+
+    # Replaying the saved flows: the addon injects a fresh token again.
+    replayed = tmp_path / "replayed.mitm"
+    before = standin.counts["chat"]
+    with Mitmdump(
+        **common,
+        options={"qwen_hosts": ["localhost"], "flow_detail": 1},
+        args=["-C", str(flows), "-w", str(replayed)],
+    ) as proxy:
+        first = proxy.wait_for_log(r"<< 200", timeout=30)
+        proxy.wait_for_log(r"<< 200", timeout=30, start=proxy.lines.index(first) + 1)
+    assert standin.counts["chat"] == before + 2
+    with replayed.open("rb") as f:
+        again = [flow for flow in mitmio.FlowReader(f).stream() if flow.response]
+    assert again and all(flow.response.status_code == 200 for flow in again)
+    assert creds.access_token.encode() not in replayed.read_bytes()
