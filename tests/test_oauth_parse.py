@@ -5,7 +5,6 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwenproxy import oauth
 from qwenproxy.store import Credentials
 

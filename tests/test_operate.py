@@ -12,6 +12,8 @@ import httpx
 import pytest
 from mitmproxy import io as mitmio
 
+from qwenproxy.store import CredentialStore
+
 from .conftest import CHAT, seed, through
 from .harness import Mitmdump
 
@@ -186,3 +188,21 @@ def test_saved_flows_and_har_hold_no_token_and_replay_works(standin, tmp_path, m
         again = [flow for flow in mitmio.FlowReader(f).stream() if flow.response]
     assert again and all(flow.response.status_code == 200 for flow in again)
     assert creds.access_token.encode() not in replayed.read_bytes()
+
+
+async def test_no_log_line_holds_a_token_even_at_full_verbosity(standin, start_proxy, tmp_path):
+    old = seed(standin, tmp_path / "qwen", expired=True)
+    proxy = start_proxy(flow_detail=4, termlog_verbosity="debug")
+    async with through(proxy) as client:
+        assert (await client.post(chat_url(standin), json=CHAT)).status_code == 200  # refreshed
+        standin.revoke_access_tokens()
+        assert (await client.post(chat_url(standin), json={**CHAT, "stream": True})).status_code == 200
+    new = CredentialStore(tmp_path / "qwen").load()
+    assert new.access_token in {r.headers["Authorization"].removeprefix("Bearer ") for r in standin.requests}
+    proxy.stop()
+    log = proxy.log
+    assert "Authorization" in log, "flow_detail=4 prints request headers"
+    sent = {r.headers["Authorization"].removeprefix("Bearer ") for r in standin.requests}
+    assert len(sent) == 2, "the refreshed token, then the one after the revocation"
+    for secret in (old.access_token, old.refresh_token, new.refresh_token, *sent):
+        assert secret not in log

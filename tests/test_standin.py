@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-
 from qwenproxy.profile import QWEN
 from qwenproxy.standin import Fault, StandIn
 

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+import qwenproxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import qwenproxy
 from qwenproxy import store as store_module
 from qwenproxy.profile import QWEN
 from qwenproxy.store import (

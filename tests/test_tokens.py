@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from qwenproxy import oauth
 from qwenproxy.oauth import OAuthClient
 from qwenproxy.standin import Fault
-from qwenproxy.store import CredentialStore, Credentials, parse_credentials
+from qwenproxy.store import Credentials, CredentialStore, parse_credentials
 from qwenproxy.tokens import State, TokenManager, Unavailable
 
 from .harness import ROOT, clean_env

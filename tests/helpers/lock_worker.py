@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from qwenproxy.store import CredentialStore, Credentials
+from qwenproxy.store import Credentials, CredentialStore
 
 # Stands in for the refresh request's round trip, so that without a working lock the other
 # processes would all read the old token while this one is "refreshing".

@@ -12,7 +12,7 @@ import ssl
 import sys
 
 from qwenproxy.oauth import OAuthClient
-from qwenproxy.store import CredentialStore, Credentials
+from qwenproxy.store import Credentials, CredentialStore
 from qwenproxy.tokens import TokenManager
 
 
