@@ -173,9 +173,22 @@ async def test_captured_ip_is_replaced_by_the_matched_name(tctx, addon, tmp_path
 
 
 async def test_account_endpoint_host_is_matched_even_if_not_configured(tctx, addon, tmp_path):
-    CredentialStore(tmp_path / "qwen").save(valid_creds("https://qwen.example.test:8443/v1"))
-    f = flow_to("qwen.example.test", port=8443)
+    CredentialStore(tmp_path / "qwen").save(valid_creds("https://eu.portal.qwen.ai:8443/v1"))
+    f = flow_to("eu.portal.qwen.ai", port=8443)
     await tctx.cycle(addon, f)
+    assert f.request.headers["Authorization"].startswith("Bearer tok-")
+
+
+@pytest.mark.parametrize("resource_url", ["https://qwen.example.test/v1", "http://eu.portal.qwen.ai/v1", "evil.test"])
+async def test_untrusted_account_endpoints_get_no_token_and_no_routing(tctx, addon, tmp_path, resource_url):
+    CredentialStore(tmp_path / "qwen").save(valid_creds(resource_url))
+    host = resource_url.split("//")[-1].split("/")[0]
+    f = flow_to(host)
+    await tctx.cycle(addon, f)
+    assert "Authorization" not in f.request.headers
+    f = flow_to("dashscope.aliyuncs.com", path="/compatible-mode/v1/models")
+    await tctx.cycle(addon, f)
+    assert f.request.host == "dashscope.aliyuncs.com", "not routed to the untrusted endpoint"
     assert f.request.headers["Authorization"].startswith("Bearer tok-")
 
 

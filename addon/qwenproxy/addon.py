@@ -38,6 +38,7 @@ from .upstream import Resender
 log = logging.getLogger(__name__)
 
 META = "qwen"  # flow.metadata key of the flows we handle (saved with flows: never a token in it)
+_UNSET = object()
 
 
 def target_name(flow: http.HTTPFlow) -> str:
@@ -110,7 +111,7 @@ class QwenAuth:
         self.resender: Resender | None = None
         self.hosts: frozenset[str] = frozenset(QWEN.api_hosts)
         self.counters: Counter[str] = Counter()
-        self._account: tuple[str | None, routing.Origin | None] = (None, None)
+        self._account: tuple[object, routing.Origin | None] = (_UNSET, None)
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, _Handled] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task] = set()
 
@@ -180,6 +181,7 @@ class QwenAuth:
     def configure(self, updated: set[str]):
         opts = ctx.options
         if "qwen_hosts" in updated:
+            self._account = (_UNSET, None)  # trust in the account's endpoint depends on the hosts
             try:
                 self.hosts = routing.parse_hosts(opts.qwen_hosts)
             except ValueError as e:
@@ -482,11 +484,18 @@ class QwenAuth:
         if creds is None:
             return None
         key, origin = self._account
-        if key != creds.resource_url or origin is None:
+        if key != creds.resource_url:
             try:
                 origin = routing.parse_origin(creds.api_base())
             except ValueError:
                 log.warning("ignoring the account's unusable resource_url %r", creds.resource_url)
+                origin = None
+            if origin is not None and not routing.trusted_origin(origin, self.hosts, QWEN.trusted_domains):
+                log.warning(
+                    "the account's endpoint %s is not a Qwen host (qwen_hosts, *.qwen.ai) nor "
+                    "https: no token is sent there",
+                    origin.url,
+                )
                 origin = None
             self._account = (creds.resource_url, origin)
         return origin

@@ -28,6 +28,9 @@ class Profile:
         "dashscope.aliyuncs.com",
         "dashscope-intl.aliyuncs.com",
     )
+    # An account endpoint (resource_url) outside the configured hosts is trusted with the token
+    # only under these domains (or on loopback, for the stand-in).
+    trusted_domains: tuple[str, ...] = ("qwen.ai",)
     creds_file: str = "oauth_creds.json"
     lock_file: str = "oauth_creds.lock"
     home_env: str = "QWEN_HOME"

@@ -91,3 +91,13 @@ def route(path: str, account: Origin) -> str | None:
 def secure_scheme(scheme: str, host: str) -> str:
     """Tokens travel over TLS, except to loopback (the local stand-in)."""
     return scheme if scheme == "https" or is_loopback_host(host) else "https"
+
+
+def trusted_origin(origin: Origin, hosts: frozenset[str], domains: Iterable[str]) -> bool:
+    """Whether the token may go to an account endpoint: a configured host or one under a trusted
+    domain, over TLS; or anything on loopback (the local stand-in)."""
+    if is_loopback_host(origin.host):
+        return True
+    if origin.scheme != "https":
+        return False
+    return origin.host in hosts or any(origin.host == d or origin.host.endswith("." + d) for d in domains)

@@ -228,7 +228,7 @@ class TokenManager:
                     raise oauth.InvalidGrant("no credentials to refresh")
                 log.info("refreshing the Qwen token (%s)", base.redacted())
                 new = await self.client.refresh(base)
-                await self.store.save_async(new)
+                saved = await self._save(new)
         except oauth.InvalidGrant as e:
             self._refresh_dead = True
             self._last_error = str(e)
@@ -243,16 +243,36 @@ class TokenManager:
             log.warning("token refresh failed: %s", e)
             raise
         self.counters["refreshes"] += 1
-        self._adopt(new)
+        self._adopt(new, saved)
         log.info("token refreshed; valid until %s", _when(new.expires_at))
         return new
 
-    def _adopt(self, creds: Credentials) -> None:
+    async def _save(self, creds: Credentials) -> str | None:
+        """Write the credentials; on failure keep going with them in memory. Returns the problem."""
+        try:
+            await self.store.save_async(creds)
+            return None
+        except OSError as e:
+            problem = f"could not write {self.store.path} ({e}); the new token is kept in memory only"
+            log.error("%s", problem)
+            return problem
+
+    async def _persist(self, creds: Credentials) -> str | None:
+        """Write new credentials from a login under the lock (another process may be refreshing)."""
+        try:
+            async with self.store.lock():
+                return await self._save(creds)
+        except (OSError, LockTimeout) as e:
+            problem = f"could not lock {self.store.lock_path} ({e}); the new token is kept in memory only"
+            log.error("%s", problem)
+            return problem
+
+    def _adopt(self, creds: Credentials, problem: str | None = None) -> None:
         self._creds = creds
         self._refresh_dead = False
         self._failure = None
         self._failed_until = 0.0
-        self._last_error = None
+        self._last_error = problem
         self._loaded = True
 
     # -- login -----------------------------------------------------------------------------
@@ -326,8 +346,7 @@ class TokenManager:
                     _login_of(a), str(problem) if problem else None
                 ),
             )
-            async with self.store.lock():
-                await self.store.save_async(creds)
+            saved = await self._persist(creds)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a broken server must never leave the login stuck
@@ -340,7 +359,7 @@ class TokenManager:
             self.listener.login_failed(reason)
         else:
             self.counters["logins"] += 1
-            self._adopt(creds)
+            self._adopt(creds, saved)
             self.listener.login_succeeded(creds)
         finally:
             self._login = None
