@@ -74,7 +74,8 @@ def mitm_confdir(tmp_path_factory):
 def start_proxy(standin, tmp_path, mitm_confdir):
     started: list[Mitmdump] = []
 
-    def start(mode: str = "regular", **options) -> Mitmdump:
+    def start(mode: str = "regular", standin: StandIn = standin, **options) -> Mitmdump:
+        """A mitmdump whose OAuth server is `standin` (the `standin` fixture unless given)."""
         options.setdefault("qwen_hosts", ["localhost"])
         proxy = Mitmdump(
             confdir=mitm_confdir,

@@ -159,7 +159,10 @@ def test_refresh_server_trouble_is_transient(status):
     assert info.value.transient
 
 
-@pytest.mark.parametrize("expires_in,expected", [(-5, NOW), (10**12, NOW + oauth.MAX_TOKEN_LIFETIME_S)])
+@pytest.mark.parametrize(
+    "expires_in,expected",
+    [(-5, NOW + oauth.MIN_TOKEN_LIFETIME_S), (0, NOW + oauth.MIN_TOKEN_LIFETIME_S), (10**12, NOW + oauth.MAX_TOKEN_LIFETIME_S)],
+)
 def test_absurd_token_lifetimes_are_clamped(expires_in, expected):
     creds = oauth.parse_refresh(200, body(access_token="a", expires_in=expires_in), now=NOW, previous=PREVIOUS)
     assert creds.expiry_date == int(expected * 1000)

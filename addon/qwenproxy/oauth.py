@@ -35,6 +35,8 @@ MAX_BODY_BYTES = 64 * 1024
 MIN_POLL_INTERVAL_S = 1.0
 MAX_POLL_INTERVAL_S = 60.0
 MAX_DEVICE_CODE_LIFETIME_S = 3600.0
+# A token said to live less than this would be refreshed on every request: treat it as this.
+MIN_TOKEN_LIFETIME_S = 60.0
 MAX_TOKEN_LIFETIME_S = 366 * 24 * 3600.0
 MAX_BACKOFF_S = 30.0
 
@@ -245,7 +247,7 @@ def parse_token_response(
     resource_url = data.get("resource_url")
     if not isinstance(resource_url, str) or not resource_url.strip():
         resource_url = previous.resource_url if previous else None
-    expiry_ms = int((now + _clamp(expires_in, 0.0, MAX_TOKEN_LIFETIME_S)) * 1000)
+    expiry_ms = int((now + _clamp(expires_in, MIN_TOKEN_LIFETIME_S, MAX_TOKEN_LIFETIME_S)) * 1000)
     return Credentials(
         access_token=access,
         refresh_token=refresh,
