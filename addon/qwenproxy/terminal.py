@@ -12,6 +12,7 @@ import time
 import webbrowser
 from collections.abc import Callable
 
+from .status import qr_text
 from .store import Credentials
 from .tokens import Login, LoginListener
 
@@ -60,7 +61,9 @@ class TerminalAnnouncer(LoginListener):
     def login_started(self, login: Login) -> None:
         now = self.clock()
         self._last_progress = now
-        log.warning("\n%s", login_box(login, now))
+        qr = qr_text(login.url)
+        phone = f"\nOr scan it with a phone:\n{qr}" if qr else ""
+        log.warning("\n%s%s", login_box(login, now), phone)
         if self.open_browser:
             # webbrowser may block (it runs a program): keep it off the event loop.
             loop = asyncio.get_running_loop()
