@@ -355,3 +355,21 @@ async def test_upstream_401_prepares_one_retry_and_buffers_the_error(tctx, addon
 def test_invalid_hold_values_fail_fast(tctx, addon, option, value):
     with pytest.raises(exceptions.OptionsError):
         tctx.configure(addon, **{option: value})
+
+
+async def test_reserved_status_path_is_served_only_on_qwen_hosts(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    on_other_site = flow_to("evil.example", path="/__qwen__/logout")
+    await tctx.cycle(addon, on_other_site)
+    assert on_other_site.response is None or on_other_site.response.status_code != 200
+    assert (tmp_path / "qwen" / "oauth_creds.json").exists()
+
+    on_qwen = flow_to("portal.qwen.ai", path="/__qwen__/status.json")
+    on_qwen.request.method = "GET"
+    await tctx.cycle(addon, on_qwen)
+    assert json.loads(on_qwen.response.content)["state"] == "valid"
+
+    magic = flow_to("qwen.auth", port=80, scheme="http", path="/status.json")
+    magic.request.method = "GET"
+    await tctx.cycle(addon, magic)
+    assert json.loads(magic.response.content)["state"] == "valid"

@@ -293,11 +293,15 @@ class QwenAuth:
         if flow.response or flow.error or not flow.live or self.tokens is None:
             return
         name = target_name(flow)
-        serve_status = status.is_status_request(name, flow.request.path)
-        if not serve_status and name not in self.hosts:
-            account = self._account_origin(self.tokens.credentials)
-            if account is None or name != account.host:
-                return
+        # The magic host is ours; the reserved path only on Qwen hosts (never shadowing, nor
+        # reachable same-origin from, any other site).
+        serve_status = name == status.MAGIC_HOST
+        if not serve_status:
+            if name not in self.hosts:
+                account = self._account_origin(self.tokens.credentials)
+                if account is None or name != account.host:
+                    return
+            serve_status = status.is_status_request(name, flow.request.path)
         if not ctx.options.qwen_allow_remote and not is_local_client(flow):
             self._answer_remote(flow)
             return

@@ -369,6 +369,9 @@ class TokenManager:
 
     async def logout(self) -> None:
         """Forget the credentials here and on disk (Qwen Code shares the file: it logs out too)."""
+        # Forget in memory first, so that whoever asks right after sees it logged out.
+        self._creds = None
+        self._loaded = True
         await self.cancel_login()
         async with self.store.lock():
             await asyncio.to_thread(self.store.delete)
