@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Loopback only unless ARGS says otherwise (a later --listen-host wins).
 run: $(STAMP)
-	$(BIN)/mitmdump -s addon/qwen_addon.py $(ARGS)
+	$(BIN)/mitmdump -s addon/qwen_addon.py --listen-host 127.0.0.1 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

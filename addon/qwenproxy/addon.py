@@ -36,6 +36,9 @@ from .tokens import Snapshot, TokenManager, Unavailable
 from .upstream import Resender
 
 log = logging.getLogger(__name__)
+# httpx logs every OAuth poll at INFO ("400 Bad Request" each second while a login is pending),
+# which reads like an error in mitmdump's output. Our own lines tell the story.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 META = "qwen"  # flow.metadata key of the flows we handle (saved with flows: never a token in it)
 _UNSET = object()
@@ -190,6 +193,8 @@ class QwenAuth:
             value = getattr(opts, name)
             if name in updated and not 0 <= value <= high:
                 raise exceptions.OptionsError(f"{name} must be between 0 and {high} seconds, got {value}")
+        if "qwen_retry_after" in updated and opts.qwen_retry_after > 60:
+            log.warning("qwen_retry_after=%d: SDKs ignore long Retry-After values and stop retrying", opts.qwen_retry_after)
         if "qwen_oauth_url" in updated:
             try:
                 check_oauth_base_url(opts.qwen_oauth_url)
@@ -252,9 +257,9 @@ class QwenAuth:
             problem = f" ({snapshot.last_error})" if snapshot.last_error else ""
             log.warning(
                 "not logged in to Qwen%s: the first Qwen API request starts a login "
-                "(or run the qwen.login command, or open http://%s/ through the proxy)",
+                "(or run the qwen.login command, or open the status page: %s)",
                 problem,
-                status.MAGIC_HOST,
+                _status_page_hint(ctx.options),
             )
         self._warn_if_exposed()
 
@@ -458,10 +463,11 @@ class QwenAuth:
                 user_code=why.login.user_code,
                 expires_in=why.login.seconds_left(self.tokens.clock()),
             )
+        kind = "qwen_token_unavailable" if why.code == "token_refresh_failed" else "qwen_login_required"
         flow.request.stream = False  # a response and a streamed request body can't go together
         flow.response = json_response(
             503,
-            error_body(why.reason, "qwen_login_required", why.code, **extra),
+            error_body(why.reason, kind, why.code, **extra),
             # The openai SDKs retry when told so, honouring Retry-After.
             **{"Retry-After": str(retry_after), "X-Should-Retry": "true"},
         )
@@ -562,6 +568,16 @@ class QwenAuth:
         self._spawn(self.tokens.logout())
         log.warning("qwen: logged out; the next Qwen request starts a new login")
         return "logged out"
+
+
+def _status_page_hint(opts) -> str:
+    """Where the status page is, in the words of the first proxy mode."""
+    mode = mode_specs.ProxyMode.parse(opts.mode[0]) if opts.mode else None
+    if isinstance(mode, mode_specs.ReverseMode):
+        host = mode.listen_host(opts.listen_host) or "127.0.0.1"
+        port = mode.listen_port(opts.listen_port)
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{status.PATH_PREFIX}/"
+    return f"http://{status.MAGIC_HOST}/ through the proxy"
 
 
 def _log_failure(task: asyncio.Task) -> None:
