@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from qwenproxy import oauth
 from qwenproxy.store import Credentials
@@ -187,6 +187,7 @@ token_like = st.fixed_dictionaries(
 )
 
 
+@example(status=200, data={"access_token": " ", "refresh_token": "r", "expires_in": 0})
 @given(status=st.sampled_from([200, 400, 401, 403, 429, 500, 503]), data=token_like | json_values)
 def test_any_json_answer_gives_a_result_or_an_oauth_error(status, data):
     payload = json.dumps(data).encode()

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .profile import QWEN, Profile
-from .store import Credentials
+from .store import CredentialError, Credentials
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +248,16 @@ def parse_token_response(
     if not isinstance(resource_url, str) or not resource_url.strip():
         resource_url = previous.resource_url if previous else None
     expiry_ms = int((now + _clamp(expires_in, MIN_TOKEN_LIFETIME_S, MAX_TOKEN_LIFETIME_S)) * 1000)
-    return Credentials(
-        access_token=access,
-        refresh_token=refresh,
-        token_type=token_type,
-        expiry_date=expiry_ms,
-        resource_url=resource_url,
-    )
+    try:
+        return Credentials(
+            access_token=access,
+            refresh_token=refresh,
+            token_type=token_type,
+            expiry_date=expiry_ms,
+            resource_url=resource_url,
+        )
+    except CredentialError as e:  # e.g. a blank token or control characters: unusable in a header
+        raise ProtocolError(f"{what} holds unusable credentials: {e}") from None
 
 
 def parse_poll(status: int, body: bytes, *, now: float) -> Credentials | Pending:
