@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/mitmdump -s addon/qwen_addon.py --listen-host 127.0.0.1 $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 4 $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m qwenproxy.demo $(ARGS)

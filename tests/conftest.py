@@ -10,10 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import settings
+
 from qwenproxy.standin import StandIn
 from qwenproxy.store import Credentials, CredentialStore
 
 from .harness import Mitmdump
+
+# Property tests run beside processes and servers: judge them by their examples, not their speed.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 CHAT = {"model": "coder-model", "messages": [{"role": "user", "content": "hello"}]}
 

@@ -130,7 +130,7 @@ def test_poll_success_gives_credentials_in_milliseconds():
     assert creds.resource_url == "portal.qwen.ai"
 
 
-PREVIOUS = Credentials("old-a", "old-r", "Bearer", 0, "portal.qwen.ai")
+PREVIOUS = Credentials("old-a", "old-r", "Bearer", 1, "portal.qwen.ai")
 
 
 def test_refresh_keeps_refresh_token_and_resource_url_when_absent():

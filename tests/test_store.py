@@ -82,6 +82,7 @@ def qwen_code_accepts(raw: bytes) -> bool:
         )
         and isinstance(obj.get("expiry_date"), (int, float))
         and not isinstance(obj.get("expiry_date"), bool)
+        and obj["expiry_date"] != 0
     )
 
 
@@ -404,7 +405,7 @@ valid_credentials = st.builds(
     access_token=_token(),
     refresh_token=st.text(min_size=1).filter(str.strip),
     token_type=_token(),
-    expiry_date=st.integers(-(2**53), 2**53) | st.floats(-(2**52), 2**52),
+    expiry_date=(st.integers(-(2**53), 2**53) | st.floats(-(2**52), 2**52)).filter(lambda v: int(v) != 0),
     resource_url=st.none() | st.text(),
     extra=st.dictionaries(st.text().filter(lambda k: k not in KNOWN_FIELDS), json_values, max_size=3),
 )

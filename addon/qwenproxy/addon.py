@@ -423,7 +423,7 @@ class QwenAuth:
         except oauth.InvalidGrant:
             self._answer_unavailable(flow, await self.tokens.login_pending())
             return
-        except (oauth.OAuthError, LockTimeout) as e:
+        except (oauth.OAuthError, LockTimeout, OSError) as e:
             log.warning("token refresh after an upstream %d failed: %s", rejected, e)
             return  # the client gets the upstream's answer as it was
         if flow.request.stream or flow.request.raw_content is None:

@@ -39,6 +39,7 @@ MAX_DEVICE_CODE_LIFETIME_S = 3600.0
 MIN_TOKEN_LIFETIME_S = 60.0
 MAX_TOKEN_LIFETIME_S = 366 * 24 * 3600.0
 MAX_BACKOFF_S = 30.0
+REFRESH_DEADLINE_S = 20.0
 
 
 class OAuthError(Exception):
@@ -440,13 +441,21 @@ class OAuthClient:
                 raise DeviceCodeExpired("the login code expired before it was approved")
 
     async def refresh(self, creds: Credentials) -> Credentials:
-        """Exchange the refresh token for a new access token."""
-        status, body = await self._post(
-            self.profile.token_path,
-            {
-                "grant_type": "refresh_token",
-                "refresh_token": creds.refresh_token,
-                "client_id": self.profile.client_id,
-            },
-        )
+        """Exchange the refresh token for a new access token, within REFRESH_DEADLINE_S overall.
+
+        The refresh runs under the credential lock; Qwen Code gives up waiting for that lock after
+        about 29 s and then starts a login of its own, so a slow server must not hold it longer.
+        """
+        try:
+            async with asyncio.timeout(REFRESH_DEADLINE_S):
+                status, body = await self._post(
+                    self.profile.token_path,
+                    {
+                        "grant_type": "refresh_token",
+                        "refresh_token": creds.refresh_token,
+                        "client_id": self.profile.client_id,
+                    },
+                )
+        except TimeoutError:
+            raise ServerUnavailable(f"token refresh took longer than {REFRESH_DEADLINE_S:.0f} s") from None
         return parse_refresh(status, body, now=self.clock(), previous=creds)

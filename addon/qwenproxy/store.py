@@ -89,6 +89,9 @@ def _expiry_problem(value: Any) -> str | None:
         return f"field expiry_date must be a finite number, got {value}"
     if abs(value) > _MAX_EXPIRY_MS:
         return f"field expiry_date is out of range ({value:.6g} ms)"
+    if int(value) == 0:
+        # Qwen Code tests `!expiry_date` and ignores such a file.
+        return "field expiry_date must not be 0"
     return None
 
 

@@ -113,7 +113,7 @@ class TokenManager:
         self._login_started = asyncio.Event()
         self._last_error: str | None = None
         self._failed_until = 0.0
-        self._failure: OAuthError | LockTimeout | None = None
+        self._failure: OAuthError | LockTimeout | OSError | None = None
         self._loaded = False
 
     # -- reading ---------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class TokenManager:
                 return await self.refresh()
             except oauth.InvalidGrant:
                 pass  # the refresh token is dead: only a login helps
-            except (OAuthError, LockTimeout) as e:
+            except (OAuthError, LockTimeout, OSError) as e:
                 current = self._creds
                 if current is not None and self.clock() < current.expires_at:
                     return current  # inside the safety buffer but not yet expired: use it
@@ -201,7 +201,8 @@ class TokenManager:
     async def refresh(self, rejected: Credentials | None = None) -> Credentials:
         """Refresh once for everyone waiting; `rejected` is a token the API refused (force).
 
-        Raises the refresh's OAuthError (InvalidGrant: the refresh token is dead) or LockTimeout.
+        Raises the refresh's OAuthError (InvalidGrant: the refresh token is dead), LockTimeout, or
+        OSError when the lock could not be taken at all.
         """
         if self._refresh_task is None or self._refresh_task.done():
             if self._failure is not None and self.clock() < self._failed_until:
@@ -223,9 +224,13 @@ class TokenManager:
                     log.info("token was refreshed by another process; using it")
                     self._adopt(disk)
                     return disk
-                base = disk or self._creds
-                if base is None:
+                known = [c for c in (disk, self._creds) if c is not None]
+                if not known:
                     raise oauth.InvalidGrant("no credentials to refresh")
+                # The newer of file and memory: after a save failed (disk full, a symlink), memory
+                # holds the only copy of the latest refresh token, which a rotating server
+                # requires; the file's older one is already revoked.
+                base = max(known, key=lambda c: c.expiry_date)
                 log.info("refreshing the Qwen token (%s)", base.redacted())
                 new = await self.client.refresh(base)
                 saved = await self._save(new)
@@ -235,7 +240,8 @@ class TokenManager:
             self.counters["refresh_failures"] += 1
             log.warning("%s; a new login is needed", e)
             raise
-        except (OAuthError, LockTimeout) as e:
+        except (OAuthError, LockTimeout, OSError) as e:
+            # OSError: the lock could not be taken (a full or read-only disk, no permission).
             self._last_error = f"token refresh failed: {e}"
             self._failure = e
             self._failed_until = self.clock() + self.failure_cooldown_s
