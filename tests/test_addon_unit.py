@@ -1,6 +1,7 @@
 """The addon with mitmproxy's own test helpers: options, host matching per proxy mode, the
 short-circuit. The OAuth server here is a closed loopback port (a real refused connection)."""
 
+import asyncio
 import json
 import socket
 import time
@@ -373,3 +374,16 @@ async def test_reserved_status_path_is_served_only_on_qwen_hosts(tctx, addon, tm
     magic.request.method = "GET"
     await tctx.cycle(addon, magic)
     assert json.loads(magic.response.content)["state"] == "valid"
+
+
+async def test_login_and_logout_commands(tctx, addon, tmp_path):
+    CredentialStore(tmp_path / "qwen").save(valid_creds())
+    assert "state: valid" in tctx.command(addon.status)
+    tctx.command(addon.logout)
+    await asyncio.wait(addon._background)
+    assert not (tmp_path / "qwen" / "oauth_creds.json").exists()
+    assert "state: logged_out" in addon.status()
+    # The OAuth server of this fixture is a closed port: the login starts, then fails clearly.
+    assert tctx.command(addon.login) == "Qwen login started"
+    await addon.tokens.wait_login()
+    assert "login failed" in addon.status()

@@ -151,6 +151,7 @@ class TokenManager:
         return self._creds
 
     def snapshot(self) -> Snapshot:
+        self.usable()  # (re)load the file first if it is new or changed
         creds = self._creds
         now = self.clock()
         if self.login_running():
