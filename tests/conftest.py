@@ -116,5 +116,8 @@ def seed(standin, home, *, expired=False) -> Credentials:
 def through(proxy: Mitmdump, **kwargs) -> httpx.AsyncClient:
     """An httpx client that uses the proxy and trusts mitmproxy's CA."""
     return httpx.AsyncClient(
-        proxy=proxy.proxy_url, verify=ssl.create_default_context(cafile=str(proxy.ca_cert)), timeout=30, **kwargs
+        proxy=proxy.proxy_url,
+        verify=ssl.create_default_context(cafile=str(proxy.ca_cert)),
+        timeout=30,
+        **kwargs,
     )

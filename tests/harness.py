@@ -68,7 +68,17 @@ class Mitmdump:
         return f"http://{self.listen_host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [str(MITMDUMP), "-s", str(SCRIPT), "--listen-host", self.listen_host, "-p", "0", "--mode", self.mode]
+        cmd = [
+            str(MITMDUMP),
+            "-s",
+            str(SCRIPT),
+            "--listen-host",
+            self.listen_host,
+            "-p",
+            "0",
+            "--mode",
+            self.mode,
+        ]
         for key, value in self.options.items():
             if isinstance(value, (list, tuple)):
                 for item in value:
@@ -136,7 +146,7 @@ class Mitmdump:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError(f"mitmdump did not stop on SIGINT; log:\n{self.log}")
+            raise AssertionError(f"mitmdump did not stop on SIGINT; log:\n{self.log}") from None
 
     def __enter__(self) -> Mitmdump:
         return self.start()

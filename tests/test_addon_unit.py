@@ -10,6 +10,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
+
 from qwenproxy.addon import QwenAuth, target_name
 from qwenproxy.store import Credentials, CredentialStore
 
@@ -49,7 +50,9 @@ def tctx(addon, tmp_path):
         addon.done()
 
 
-def flow_to(host, *, port=443, scheme="https", path="/v1/chat/completions", mode="regular", sni=None, headers=()):
+def flow_to(
+    host, *, port=443, scheme="https", path="/v1/chat/completions", mode="regular", sni=None, headers=()
+):
     req = tutils.treq(host=host, port=port, scheme=scheme.encode(), path=path.encode(), method=b"POST")
     req.headers.clear()
     for k, v in headers:
@@ -106,7 +109,13 @@ def test_defaults_are_qwen_hosts(tctx, addon):
         (dict(host="203.0.113.9", mode="transparent", sni="portal.qwen.ai"), "portal.qwen.ai"),
         (dict(host="203.0.113.9", mode="local", sni="dashscope.aliyuncs.com"), "dashscope.aliyuncs.com"),
         (
-            dict(host="203.0.113.9", port=80, scheme="http", mode="transparent", headers=[("Host", "portal.qwen.ai:80")]),
+            dict(
+                host="203.0.113.9",
+                port=80,
+                scheme="http",
+                mode="transparent",
+                headers=[("Host", "portal.qwen.ai:80")],
+            ),
             "portal.qwen.ai",
         ),
         (dict(host="203.0.113.9", mode="wireguard"), "203.0.113.9"),
@@ -180,7 +189,9 @@ async def test_account_endpoint_host_is_matched_even_if_not_configured(tctx, add
     assert f.request.headers["Authorization"].startswith("Bearer tok-")
 
 
-@pytest.mark.parametrize("resource_url", ["https://qwen.example.test/v1", "http://eu.portal.qwen.ai/v1", "evil.test"])
+@pytest.mark.parametrize(
+    "resource_url", ["https://qwen.example.test/v1", "http://eu.portal.qwen.ai/v1", "evil.test"]
+)
 async def test_untrusted_account_endpoints_get_no_token_and_no_routing(tctx, addon, tmp_path, resource_url):
     CredentialStore(tmp_path / "qwen").save(valid_creds(resource_url))
     host = resource_url.split("//")[-1].split("/")[0]
@@ -275,7 +286,9 @@ async def test_failed_flows_are_redacted_too(tctx, addon, tmp_path):
 
 async def test_replayed_flow_with_a_redacted_header_gets_a_fresh_token(tctx, addon, tmp_path):
     CredentialStore(tmp_path / "qwen").save(valid_creds())
-    f = flow_to("portal.qwen.ai", headers=[("Authorization", "Bearer <qwen token redacted: tok-...(44 chars)>")])
+    f = flow_to(
+        "portal.qwen.ai", headers=[("Authorization", "Bearer <qwen token redacted: tok-...(44 chars)>")]
+    )
     f.is_replay = "request"
     await tctx.cycle(addon, f)
     assert f.request.headers["Authorization"] == f"Bearer {valid_creds().access_token}"
@@ -335,7 +348,9 @@ async def test_spoofed_names_do_not_get_the_token(tctx, addon, tmp_path, kwargs)
 
 async def test_a_captured_flow_claiming_a_qwen_name_is_sent_to_that_name_only(tctx, addon, tmp_path):
     CredentialStore(tmp_path / "qwen").save(valid_creds())
-    f = flow_to("198.51.100.66", port=80, scheme="http", mode="transparent", headers=[("Host", "portal.qwen.ai")])
+    f = flow_to(
+        "198.51.100.66", port=80, scheme="http", mode="transparent", headers=[("Host", "portal.qwen.ai")]
+    )
     await tctx.cycle(addon, f)
     assert f.request.headers["Authorization"].startswith("Bearer tok-")
     assert (f.request.scheme, f.request.host, f.request.port) == ("https", "portal.qwen.ai", 443)

@@ -22,9 +22,12 @@ from .conftest import CHAT
 from .harness import MITMDUMP, Mitmdump, clean_env
 
 sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]'): browser tests skipped"
+    "playwright.sync_api",
+    reason="Playwright is not installed (pip install -e '.[test]'): browser tests skipped",
 )
-CHROMIUM = os.environ.get("QWEN_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = (
+    os.environ.get("QWEN_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+)
 if not CHROMIUM:
     pytest.skip(
         "no Chromium executable (apt-get install chromium, or run .ci/install-browser): browser tests skipped",

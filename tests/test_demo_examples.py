@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from qwenproxy.standin import StandIn
 
 from .conftest import seed
@@ -155,6 +156,7 @@ def test_example_config_documents_every_qwen_option_with_its_default():
     """examples/config.yaml shows each qwen_* option, commented out, with its true default."""
     from mitmproxy import optmanager
     from mitmproxy.test import taddons
+
     from qwenproxy.addon import QwenAuth
 
     text = (EXAMPLES / "config.yaml").read_text()

@@ -17,10 +17,21 @@ from .harness import Mitmdump, clean_env
 pytestmark = pytest.mark.slow
 
 
-
 def curl(proxy: Mitmdump, url: str, *args: str) -> tuple[int, dict[str, str], bytes]:
     out = subprocess.run(
-        ["curl", "-sS", "--suppress-connect-headers", "--proxy", proxy.proxy_url, "--cacert", str(proxy.ca_cert), "-D", "-", url, *args],
+        [
+            "curl",
+            "-sS",
+            "--suppress-connect-headers",
+            "--proxy",
+            proxy.proxy_url,
+            "--cacert",
+            str(proxy.ca_cert),
+            "-D",
+            "-",
+            url,
+            *args,
+        ],
         capture_output=True,
         env=clean_env(),
         timeout=60,
@@ -39,7 +50,14 @@ needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is no
 def test_curl_gets_503_with_the_login_link_then_200_after_approval(standin, start_proxy):
     proxy = start_proxy()
     url = f"{standin.base_url}/v1/chat/completions"
-    post = ("-H", "Content-Type: application/json", "-H", "Authorization: Bearer sk-dummy", "-d", json.dumps(CHAT))
+    post = (
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        "Authorization: Bearer sk-dummy",
+        "-d",
+        json.dumps(CHAT),
+    )
 
     status, headers, body = curl(proxy, url, *post)
     assert status == 503
@@ -72,7 +90,9 @@ def test_openai_sdk_in_reverse_mode_succeeds_through_its_own_retries(standin, st
     proxy = start_proxy(mode=f"reverse:{standin.base_url}")
     approver = threading.Thread(target=lambda: standin.approve(standin.wait_for_device_code(30)), daemon=True)
     approver.start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="not-a-real-key", max_retries=20)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="not-a-real-key", max_retries=20
+    )
     completion = client.chat.completions.create(**CHAT)
     approver.join()
     assert completion.choices[0].message.content
@@ -103,7 +123,9 @@ async def test_expired_token_is_refreshed_once_for_fifty_concurrent_requests(sta
     assert standin.counts["device_code"] == 0
 
 
-async def test_streamed_completion_reaches_the_client_before_upstream_finishes(standin, start_proxy, tmp_path):
+async def test_streamed_completion_reaches_the_client_before_upstream_finishes(
+    standin, start_proxy, tmp_path
+):
     seed(standin, tmp_path / "qwen")
     proxy = start_proxy()
     standin.hold_streams()

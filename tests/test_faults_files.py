@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from qwenproxy import store as store_module
 from qwenproxy.oauth import OAuthClient
 from qwenproxy.profile import QWEN, Profile
@@ -94,7 +95,9 @@ class FakeTime:
         return self.now
 
 
-def lifecycle(standin, home: Path, closing, *, profile: Profile = QWEN, clock=time.time, check_interval_s: float = 0):
+def lifecycle(
+    standin, home: Path, closing, *, profile: Profile = QWEN, clock=time.time, check_interval_s: float = 0
+):
     """A TokenManager as the addon builds it, on `home`, with a QuickPoll; check_interval_s=0
     makes it look at the file on every use (the addon's default is 5 s)."""
     poll = QuickPoll(standin)
@@ -363,7 +366,9 @@ async def test_credential_file_made_unreadable_is_reported_and_set_aside_by_the_
 # -- a symlink or a directory in place of the file ------------------------------------------------
 
 
-async def test_credential_file_symlinked_elsewhere_is_not_written_through_on_refresh(standin, tmp_path, closing):
+async def test_credential_file_symlinked_elsewhere_is_not_written_through_on_refresh(
+    standin, tmp_path, closing
+):
     """oauth_creds.json is a symbolic link to a file elsewhere (a dotfiles repository, say) that
     holds an expired token. Reading through the link is fine; the refreshed token is not written
     through it: the target stays byte for byte, the token is kept in memory and works, and
@@ -381,7 +386,9 @@ async def test_credential_file_symlinked_elsewhere_is_not_written_through_on_ref
     assert isinstance(new, Credentials)
     assert standin.counts["token_refresh"] == 1
     assert elsewhere.read_bytes() == target_before
-    assert (home / "oauth_creds.json").is_symlink() and os.readlink(home / "oauth_creds.json") == str(elsewhere)
+    assert (home / "oauth_creds.json").is_symlink() and os.readlink(home / "oauth_creds.json") == str(
+        elsewhere
+    )
     assert files_in(home) == ["oauth_creds.json"]
     assert files_in(elsewhere.parent) == ["qwen-creds.json"]
     error = tokens.snapshot().last_error
@@ -389,7 +396,9 @@ async def test_credential_file_symlinked_elsewhere_is_not_written_through_on_ref
 
     assert await api_status(standin, new) == 200
     again = await soon(tokens.acquire())
-    assert again == new and standin.counts["token_refresh"] == 1, "the token in memory is used, not refreshed again"
+    assert again == new and standin.counts["token_refresh"] == 1, (
+        "the token in memory is used, not refreshed again"
+    )
 
 
 async def test_credential_file_symlinked_nowhere_is_not_written_through_on_login(standin, tmp_path, closing):
@@ -415,7 +424,9 @@ async def test_credential_file_symlinked_nowhere_is_not_written_through_on_login
     assert "symbolic link" in tokens.snapshot().last_error
 
 
-async def test_credential_file_is_a_directory_reported_and_login_works_from_memory(standin, tmp_path, closing):
+async def test_credential_file_is_a_directory_reported_and_login_works_from_memory(
+    standin, tmp_path, closing
+):
     home = tmp_path / "qwen"
     (home / "oauth_creds.json").mkdir(parents=True)
     (home / "oauth_creds.json" / "keep").write_text("the user's")
@@ -577,7 +588,9 @@ async def test_lock_held_by_a_live_process_past_the_stale_limit_is_broken(standi
 # -- our process killed or stopped ----------------------------------------------------------------
 
 
-async def test_process_killed_in_the_middle_of_writing_credentials_never_tears_the_file(standin, tmp_path, closing):
+async def test_process_killed_in_the_middle_of_writing_credentials_never_tears_the_file(
+    standin, tmp_path, closing
+):
     """A worker saves credentials A and B alternately in a tight loop (a line per save) and is
     SIGKILLed after k lines, k = 1..20, landing at varied points of the write: 20 kills, in four
     homes at once (five kills in a row each, so later workers write over what earlier kills
@@ -592,7 +605,9 @@ async def test_process_killed_in_the_middle_of_writing_credentials_never_tears_t
     leftovers: set[str] = set()
 
     async def kill_after(home: Path, k: int) -> None:
-        proc = await start_worker("alternate", str(home), files["A"], files["B"], stdin=asyncio.subprocess.DEVNULL)
+        proc = await start_worker(
+            "alternate", str(home), files["A"], files["B"], stdin=asyncio.subprocess.DEVNULL
+        )
         try:
             for _ in range(k):
                 assert await read_line(proc) in ("A", "B")

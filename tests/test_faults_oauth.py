@@ -12,7 +12,7 @@ import pytest
 from qwenproxy import oauth
 from qwenproxy.oauth import OAuthClient
 from qwenproxy.standin import Fault
-from qwenproxy.store import CredentialStore, Credentials
+from qwenproxy.store import Credentials, CredentialStore
 from qwenproxy.tokens import TokenManager, Unavailable
 
 from .conftest import CHAT, seed, through
@@ -33,7 +33,12 @@ DEVICE_CODE_FAULTS = {
     ),
     "oauth_answer_hostile_link": Fault(
         status=200,
-        body={"device_code": "d", "user_code": "U", "verification_uri": "javascript:alert(1)", "expires_in": 60},
+        body={
+            "device_code": "d",
+            "user_code": "U",
+            "verification_uri": "javascript:alert(1)",
+            "expires_in": 60,
+        },
     ),
     "oauth_rejects_client": Fault(status=401, body={"error": "invalid_client"}),
 }
@@ -41,7 +46,9 @@ DEVICE_CODE_FAULTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", DEVICE_CODE_FAULTS.values(), ids=DEVICE_CODE_FAULTS.keys())
-def test_device_authorization_fault_gives_a_clear_503_then_a_new_login_works(make_standin, start_proxy, fault):
+def test_device_authorization_fault_gives_a_clear_503_then_a_new_login_works(
+    make_standin, start_proxy, fault
+):
     standin = make_standin(interval=1)
     standin.add_fault("device_code", fault)
     proxy = start_proxy(mode=f"reverse:{standin.base_url}", standin=standin)
@@ -88,7 +95,13 @@ class FakeTime:
 
 
 async def poll_through(standin, clock, faults, *, timeout_s: float = 5.0) -> Credentials:
-    client = OAuthClient(standin.base_url, verify=standin.client_ssl_context(), clock=clock, sleep=clock.sleep, timeout_s=timeout_s)
+    client = OAuthClient(
+        standin.base_url,
+        verify=standin.client_ssl_context(),
+        clock=clock,
+        sleep=clock.sleep,
+        timeout_s=timeout_s,
+    )
     try:
         auth = await client.start_device_flow()
         for fault in faults:
@@ -130,7 +143,9 @@ async def test_slow_down_storm_slows_polling_down_to_a_cap(make_standin):
     assert len(clock.sleeps) == 21
 
 
-@pytest.mark.parametrize("interval,first_sleep", [(0, oauth.MIN_POLL_INTERVAL_S), (10**9, oauth.MAX_POLL_INTERVAL_S)])
+@pytest.mark.parametrize(
+    "interval,first_sleep", [(0, oauth.MIN_POLL_INTERVAL_S), (10**9, oauth.MAX_POLL_INTERVAL_S)]
+)
 async def test_absurd_poll_interval_is_clamped(make_standin, interval, first_sleep):
     clock = FakeTime()
     standin = make_standin(interval=interval, min_poll_interval=0, clock=clock)
@@ -199,7 +214,9 @@ async def test_absurd_token_lifetime_causes_no_refresh_storm(standin, tmp_path, 
 
 
 @pytest.mark.slow
-async def test_refresh_server_error_through_the_proxy_gives_503_and_spares_other_traffic(standin, start_proxy, tmp_path):
+async def test_refresh_server_error_through_the_proxy_gives_503_and_spares_other_traffic(
+    standin, start_proxy, tmp_path
+):
     seed(standin, tmp_path / "qwen", expired=True)
     standin.add_fault("token", Fault(status=500), times=100)
     proxy = start_proxy()
@@ -217,7 +234,9 @@ async def test_refresh_server_error_through_the_proxy_gives_503_and_spares_other
 @pytest.mark.slow
 async def test_upstream_server_error_passes_through_unchanged(standin, start_proxy, tmp_path):
     seed(standin, tmp_path / "qwen")
-    standin.add_fault("chat", Fault(status=500, body={"error": {"message": "overloaded", "type": "server_error"}}))
+    standin.add_fault(
+        "chat", Fault(status=500, body={"error": {"message": "overloaded", "type": "server_error"}})
+    )
     standin.add_fault("chat", Fault(reset=True))
     proxy = start_proxy()
     async with through(proxy) as client:

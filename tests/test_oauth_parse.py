@@ -5,6 +5,7 @@ import json
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+
 from qwenproxy import oauth
 from qwenproxy.store import Credentials
 
@@ -81,8 +82,16 @@ def test_device_authorization_without_interval_uses_qwen_default():
         (200, b"{truncated", oauth.ProtocolError),
         (200, b"[1, 2]", oauth.ProtocolError),
         (200, body(user_code="u", verification_uri="https://x", expires_in=1), oauth.ProtocolError),
-        (200, body(device_code="d", user_code="u", verification_uri="javascript:alert(1)", expires_in=1), oauth.ProtocolError),
-        (200, body(device_code="d", user_code="u", verification_uri="https://x", expires_in="600"), oauth.ProtocolError),
+        (
+            200,
+            body(device_code="d", user_code="u", verification_uri="javascript:alert(1)", expires_in=1),
+            oauth.ProtocolError,
+        ),
+        (
+            200,
+            body(device_code="d", user_code="u", verification_uri="https://x", expires_in="600"),
+            oauth.ProtocolError,
+        ),
         (401, body(error="invalid_client"), oauth.ClientRejected),
     ],
 )
@@ -122,7 +131,13 @@ def test_poll_failures_are_typed(status, payload, error):
 def test_poll_success_gives_credentials_in_milliseconds():
     creds = oauth.parse_poll(
         200,
-        body(access_token="a", refresh_token="r", token_type="Bearer", expires_in=3600, resource_url="portal.qwen.ai"),
+        body(
+            access_token="a",
+            refresh_token="r",
+            token_type="Bearer",
+            expires_in=3600,
+            resource_url="portal.qwen.ai",
+        ),
         now=NOW,
     )
     assert isinstance(creds, Credentials)
@@ -161,16 +176,24 @@ def test_refresh_server_trouble_is_transient(status):
 
 @pytest.mark.parametrize(
     "expires_in,expected",
-    [(-5, NOW + oauth.MIN_TOKEN_LIFETIME_S), (0, NOW + oauth.MIN_TOKEN_LIFETIME_S), (10**12, NOW + oauth.MAX_TOKEN_LIFETIME_S)],
+    [
+        (-5, NOW + oauth.MIN_TOKEN_LIFETIME_S),
+        (0, NOW + oauth.MIN_TOKEN_LIFETIME_S),
+        (10**12, NOW + oauth.MAX_TOKEN_LIFETIME_S),
+    ],
 )
 def test_absurd_token_lifetimes_are_clamped(expires_in, expected):
-    creds = oauth.parse_refresh(200, body(access_token="a", expires_in=expires_in), now=NOW, previous=PREVIOUS)
+    creds = oauth.parse_refresh(
+        200, body(access_token="a", expires_in=expires_in), now=NOW, previous=PREVIOUS
+    )
     assert creds.expiry_date == int(expected * 1000)
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=15), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=15), children, max_size=6)
+    ),
     max_leaves=20,
 )
 token_like = st.fixed_dictionaries(

@@ -24,7 +24,9 @@ def chat_url(standin) -> str:
     return f"{standin.base_url}/v1/chat/completions"
 
 
-async def test_revoked_access_token_is_refreshed_once_and_no_401_reaches_the_client(standin, start_proxy, tmp_path):
+async def test_revoked_access_token_is_refreshed_once_and_no_401_reaches_the_client(
+    standin, start_proxy, tmp_path
+):
     old = seed(standin, tmp_path / "qwen")
     proxy = start_proxy()
     async with through(proxy) as client:
@@ -160,9 +162,13 @@ def test_saved_flows_and_har_hold_no_token_and_replay_works(standin, tmp_path, m
         upstream_ca=standin.ca_path,
         mode=f"reverse:{standin.base_url}",
     )
-    with Mitmdump(**common, options={"qwen_hosts": ["localhost"], "hardump": har}, args=["-w", str(flows)]) as proxy:
+    with Mitmdump(
+        **common, options={"qwen_hosts": ["localhost"], "hardump": har}, args=["-w", str(flows)]
+    ) as proxy:
         for stream in (False, True):
-            answer = httpx.post(f"http://127.0.0.1:{proxy.port}/v1/chat/completions", json={**CHAT, "stream": stream})
+            answer = httpx.post(
+                f"http://127.0.0.1:{proxy.port}/v1/chat/completions", json={**CHAT, "stream": stream}
+            )
             assert answer.status_code == 200
     for path in (flows, har):
         data = path.read_bytes()
@@ -171,7 +177,9 @@ def test_saved_flows_and_har_hold_no_token_and_replay_works(standin, tmp_path, m
     with flows.open("rb") as f:
         saved = list(mitmio.FlowReader(f).stream())
     assert len(saved) == 2
-    assert all(flow.request.headers["Authorization"].startswith("Bearer <qwen token redacted") for flow in saved)
+    assert all(
+        flow.request.headers["Authorization"].startswith("Bearer <qwen token redacted") for flow in saved
+    )
 
     # Replaying the saved flows: the addon injects a fresh token again.
     replayed = tmp_path / "replayed.mitm"

@@ -20,7 +20,9 @@ resource_urls = st.one_of(
     st.builds(
         lambda scheme, host, port, path: f"{scheme}{host}{port}{path}",
         st.sampled_from(["", "https://", "http://", "ftp://", "//", "javascript:"]),
-        st.sampled_from(["portal.qwen.ai", "localhost", "127.0.0.1", "evil.test", "a.qwen.ai.evil.test", "[::1]", ""]),
+        st.sampled_from(
+            ["portal.qwen.ai", "localhost", "127.0.0.1", "evil.test", "a.qwen.ai.evil.test", "[::1]", ""]
+        ),
         st.sampled_from(["", ":8443", ":0", ":99999", ":x"]),
         st.sampled_from(["", "/", "/v1", "/v1/", "/compatible-mode/v1", "/x?y#z"]),
     ),
@@ -56,8 +58,12 @@ def configured():
 
 option_values = st.one_of(
     st.tuples(st.just("qwen_hosts"), st.lists(st.text(max_size=30), max_size=4)),
-    st.tuples(st.sampled_from(["qwen_retry_after", "qwen_auth_timeout", "qwen_hold"]), st.integers(-(10**9), 10**9)),
-    st.tuples(st.just("qwen_oauth_url"), st.text(max_size=40) | st.sampled_from(["https://x", "http://127.0.0.1:1"])),
+    st.tuples(
+        st.sampled_from(["qwen_retry_after", "qwen_auth_timeout", "qwen_hold"]), st.integers(-(10**9), 10**9)
+    ),
+    st.tuples(
+        st.just("qwen_oauth_url"), st.text(max_size=40) | st.sampled_from(["https://x", "http://127.0.0.1:1"])
+    ),
     st.tuples(st.sampled_from(["qwen_open_browser", "qwen_route", "qwen_allow_remote"]), st.booleans()),
 )
 

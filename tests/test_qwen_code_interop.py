@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from qwenproxy.oauth import OAuthClient
 from qwenproxy.store import (
     CredentialError,
@@ -196,7 +197,9 @@ def qwen_code_module(tmp_path_factory) -> str:
     """Find Qwen Code's credential module once; fail (not skip) if the installed package has none."""
     scratch = tmp_path_factory.mktemp("qwen-code-info")
     env = QwenCode(scratch / "qwen", scratch).env()
-    done = subprocess.run(["node", str(DRIVER), "info"], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    done = subprocess.run(
+        ["node", str(DRIVER), "info"], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
     assert done.returncode == 0, f"the driver cannot use {PACKAGE_DIR}: {done.stdout} {done.stderr}"
     info = json.loads(done.stdout)
     return info["module"]
@@ -245,7 +248,15 @@ async def test_qwen_code_accepts_a_file_our_store_wrote(qwen, store):
         "token_type": "Bearer",
         "resource_url": "portal.qwen.ai",
         "expiry_date": FAR_FUTURE_MS,
-        "fields": ["access_token", "token_type", "refresh_token", "resource_url", "expiry_date", "scope", "nested"],
+        "fields": [
+            "access_token",
+            "token_type",
+            "refresh_token",
+            "resource_url",
+            "expiry_date",
+            "scope",
+            "nested",
+        ],
     }
 
 
@@ -283,9 +294,20 @@ def _random_creds(rng: random.Random) -> Credentials:
         refresh_token=_random_token(rng) + rng.choice(["", "\n", "\t"]),  # we allow controls here
         token_type=rng.choice(["Bearer", "bearer", "MAC", "x" * 300]),
         expiry_date=rng.choice(
-            [1, -1, 1764860000123, 1764860000123.75, 2**53, -(2**53), rng.randrange(1, 2**53), rng.random() * 1e13 + 1]
+            [
+                1,
+                -1,
+                1764860000123,
+                1764860000123.75,
+                2**53,
+                -(2**53),
+                rng.randrange(1, 2**53),
+                rng.random() * 1e13 + 1,
+            ]
         ),
-        resource_url=rng.choice([None, "", "portal.qwen.ai", "https://dashscope.aliyuncs.com/compatible-mode/v1"]),
+        resource_url=rng.choice(
+            [None, "", "portal.qwen.ai", "https://dashscope.aliyuncs.com/compatible-mode/v1"]
+        ),
         extra=rng.choice([{}, {"scope": "openid"}, {"id_token": _random_token(rng), "n": [1, {"b": None}]}]),
     )
 
@@ -337,7 +359,12 @@ JUDGED: list[tuple[str, str, bool, bool]] = [
     ("fractional-expiry", _obj(expiry_date=1764860000123.5), True, True),
     ("negative-expiry", _obj(expiry_date=-1), True, True),
     ("unicode-tokens", _obj(access_token="令牌🔑äöü", refresh_token="é" * 50), True, True),
-    ("duplicate-key-last-wins", _obj().replace('"access_token"', '"access_token": "",\n  "access_token"', 1), True, True),
+    (
+        "duplicate-key-last-wins",
+        _obj().replace('"access_token"', '"access_token": "",\n  "access_token"', 1),
+        True,
+        True,
+    ),
     ("refresh-token-with-newline", _obj(refresh_token="abc\ndef"), True, True),
     ("expiry-as-string", _obj(expiry_date="1764860000123"), False, False),
     ("expiry-null", _obj(expiry_date=None), False, False),

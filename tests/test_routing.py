@@ -3,18 +3,26 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from qwenproxy import routing
 
 
 @pytest.mark.parametrize(
     "entry,host",
-    [("portal.qwen.ai", "portal.qwen.ai"), ("Portal.Qwen.AI.", "portal.qwen.ai"), (" 127.0.0.1 ", "127.0.0.1"), ("[::1]", "::1")],
+    [
+        ("portal.qwen.ai", "portal.qwen.ai"),
+        ("Portal.Qwen.AI.", "portal.qwen.ai"),
+        (" 127.0.0.1 ", "127.0.0.1"),
+        ("[::1]", "::1"),
+    ],
 )
 def test_host_entries_are_normalized(entry, host):
     assert routing.parse_host_entry(entry) == host
 
 
-@pytest.mark.parametrize("entry", ["", "https://portal.qwen.ai", "portal.qwen.ai/v1", "portal.qwen.ai:443", "a b"])
+@pytest.mark.parametrize(
+    "entry", ["", "https://portal.qwen.ai", "portal.qwen.ai/v1", "portal.qwen.ai:443", "a b"]
+)
 def test_bad_host_entries_are_refused_with_a_reason(entry):
     with pytest.raises(ValueError):
         routing.parse_host_entry(entry)
@@ -59,7 +67,12 @@ def test_mapped_paths_keep_the_api_subpath(prefix, rest):
 
 @pytest.mark.parametrize(
     "scheme,host,expected",
-    [("http", "portal.qwen.ai", "https"), ("https", "portal.qwen.ai", "https"), ("http", "127.0.0.1", "http"), ("http", "localhost", "http")],
+    [
+        ("http", "portal.qwen.ai", "https"),
+        ("https", "portal.qwen.ai", "https"),
+        ("http", "127.0.0.1", "http"),
+        ("http", "localhost", "http"),
+    ],
 )
 def test_tokens_travel_over_tls_except_to_loopback(scheme, host, expected):
     assert routing.secure_scheme(scheme, host) == expected

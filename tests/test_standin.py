@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+
 from qwenproxy.profile import QWEN
 from qwenproxy.standin import Fault, StandIn
 
@@ -43,9 +44,7 @@ def pkce() -> tuple[str, str]:
 
 def client(s: StandIn, **kwargs) -> httpx.Client:
     # trust_env=False: a proxy set in the environment must not see (or break) local traffic.
-    return httpx.Client(
-        base_url=s.base_url, verify=s.client_ssl_context() or True, trust_env=False, **kwargs
-    )
+    return httpx.Client(base_url=s.base_url, verify=s.client_ssl_context() or True, trust_env=False, **kwargs)
 
 
 def get(url: str, **kwargs) -> httpx.Response:
@@ -110,9 +109,7 @@ def sse_events(lines: Iterator[str]) -> list[str]:
 
 def contents(events: list[str]) -> list[str]:
     chunks = [json.loads(e) for e in events if e != "[DONE]"]
-    return [
-        c["choices"][0]["delta"]["content"] for c in chunks if "content" in c["choices"][0]["delta"]
-    ]
+    return [c["choices"][0]["delta"]["content"] for c in chunks if "content" in c["choices"][0]["delta"]]
 
 
 def error_of(r: httpx.Response) -> str:
@@ -200,9 +197,7 @@ def test_poll_with_unknown_device_code_is_invalid_grant(http):
         (5, 4.6, "authorization_pending"),
     ],
 )
-def test_polling_faster_than_the_interval_gets_slow_down(
-    make_standin, fake_clock, interval, gap, expected
-):
+def test_polling_faster_than_the_interval_gets_slow_down(make_standin, fake_clock, interval, gap, expected):
     s = make_standin(clock=fake_clock, interval=interval)
     verifier, challenge = pkce()
     with client(s) as c:
@@ -378,9 +373,7 @@ def test_refresh_with_wrong_client_is_invalid_client(standin, http):
 # --- the API -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "authorization", [None, "Bearer not-a-token", "Basic dXNlcjpwYXNz", "Bearer"]
-)
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-token", "Basic dXNlcjpwYXNz", "Bearer"])
 def test_chat_without_a_valid_bearer_token_is_401(standin, http, authorization):
     headers = {"Authorization": authorization} if authorization else {}
     r = http.post("/v1/chat/completions", json=chat_body(), headers=headers)
@@ -436,9 +429,7 @@ def test_chat_rejects_malformed_requests(http, token, body):
 
 def test_chat_stream_sends_chunks_then_done(standin, http, token):
     standin.stream_chunks = 3
-    with http.stream(
-        "POST", "/v1/chat/completions", json=chat_body(stream=True), headers=bearer(token)
-    ) as r:
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True), headers=bearer(token)) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
@@ -453,9 +444,7 @@ def test_chat_stream_sends_chunks_then_done(standin, http, token):
 
 def test_stream_gate_delivers_the_first_chunk_before_the_rest_is_sent(standin, http, token):
     standin.hold_streams()
-    with http.stream(
-        "POST", "/v1/chat/completions", json=chat_body(stream=True), headers=bearer(token)
-    ) as r:
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True), headers=bearer(token)) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line)
         # The first chunk arrived while the server holds the rest back.
@@ -563,10 +552,7 @@ def test_status_fault_is_served_the_given_number_of_times(standin, http, token):
         assert r.status_code == 503
         assert r.headers["Retry-After"] == "1"
         assert r.json() == {"error": {"message": "overloaded"}}
-    assert (
-        http.post("/v1/chat/completions", json=chat_body(), headers=bearer(token)).status_code
-        == 200
-    )
+    assert http.post("/v1/chat/completions", json=chat_body(), headers=bearer(token)).status_code == 200
     assert standin.counts["faults"] == 2
     assert standin.counts["chat"] == 3
 

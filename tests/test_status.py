@@ -8,6 +8,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qwenproxy.status import (
     MAGIC_HOST,
     PATH_PREFIX,
@@ -64,9 +65,18 @@ def snapshot(state: State = State.VALID, **fields) -> Snapshot:
     return Snapshot(**values)
 
 
-def get(path: str = "/", snap: Snapshot | None = None, *, host: str = MAGIC_HOST, accept: str | None = None, method: str = "GET") -> Page:
+def get(
+    path: str = "/",
+    snap: Snapshot | None = None,
+    *,
+    host: str = MAGIC_HOST,
+    accept: str | None = None,
+    method: str = "GET",
+) -> Page:
     headers = {"Accept": accept} if accept is not None else {}
-    return respond(method, host, path, headers, snap or snapshot(), NOW, local_client=True, actions=RecordingActions())
+    return respond(
+        method, host, path, headers, snap or snapshot(), NOW, local_client=True, actions=RecordingActions()
+    )
 
 
 def post(
@@ -78,7 +88,9 @@ def post(
     actions=None,
 ) -> tuple[Page, RecordingActions]:
     actions = actions or RecordingActions()
-    page = respond("POST", host, path, headers or {}, snapshot(), NOW, local_client=local_client, actions=actions)
+    page = respond(
+        "POST", host, path, headers or {}, snapshot(), NOW, local_client=local_client, actions=actions
+    )
     return page, actions
 
 
@@ -149,7 +161,9 @@ def test_pending_login_json_has_link_code_and_seconds_left():
 
 
 def test_failed_state_json_carries_the_last_error():
-    doc = as_json(get("/status.json", snapshot(State.FAILED, last_error="token refresh failed: OAuth server error 500")))
+    doc = as_json(
+        get("/status.json", snapshot(State.FAILED, last_error="token refresh failed: OAuth server error 500"))
+    )
     assert doc["last_error"] == "token refresh failed: OAuth server error 500"
 
 
@@ -170,13 +184,23 @@ def test_json_never_contains_a_token_or_token_like_field():
                 walk(v)
 
     walk(doc)
-    assert not [k for k in keys if re.search(r"token|secret|authorization|bearer|device_code|verifier", k, re.IGNORECASE)]
+    assert not [
+        k
+        for k in keys
+        if re.search(r"token|secret|authorization|bearer|device_code|verifier", k, re.IGNORECASE)
+    ]
 
 
 def test_status_routes_all_work_under_the_reserved_path_and_the_magic_host():
-    for host, path in [(MAGIC_HOST, "/"), (MAGIC_HOST, "/status"), ("h", PATH_PREFIX), ("h", PATH_PREFIX + "/"),
-                       ("h", PATH_PREFIX + "/status"), ("h", PATH_PREFIX + "/status.json?pretty=1"),
-                       (MAGIC_HOST, PATH_PREFIX + "/status.json")]:
+    for host, path in [
+        (MAGIC_HOST, "/"),
+        (MAGIC_HOST, "/status"),
+        ("h", PATH_PREFIX),
+        ("h", PATH_PREFIX + "/"),
+        ("h", PATH_PREFIX + "/status"),
+        ("h", PATH_PREFIX + "/status.json?pretty=1"),
+        (MAGIC_HOST, PATH_PREFIX + "/status.json"),
+    ]:
         assert as_json(get(path, host=host))["state"] == "valid", (host, path)
 
 
@@ -186,8 +210,15 @@ def test_head_gets_the_headers_without_a_body():
 
 
 def test_every_answer_forbids_caching():
-    pages = [get("/"), get("/", accept="text/html"), get("/nope"), get("/login"), post("/login")[0],
-             post("/login", local_client=False)[0], get("/qr.svg", snapshot(State.LOGIN_PENDING))]
+    pages = [
+        get("/"),
+        get("/", accept="text/html"),
+        get("/nope"),
+        get("/login"),
+        post("/login")[0],
+        post("/login", local_client=False)[0],
+        get("/qr.svg", snapshot(State.LOGIN_PENDING)),
+    ]
     assert all(p.headers["Cache-Control"] == "no-store" for p in pages)
 
 
@@ -230,8 +261,10 @@ def test_html_page_of_a_pending_login_shows_code_button_qr_and_seconds_left():
     page = get("/", snapshot(State.LOGIN_PENDING), accept=BROWSER_ACCEPT)
     body = text_of(page)
     assert "<div id=user-code class=code>ABCD-1234</div>" in body
-    assert "class=button href='https://chat.qwen.ai/authorize?user_code=ABCD-1234&amp;client=qwen-code'" in body
-    assert "<svg" in body and "class=\"qr\"" in body
+    assert (
+        "class=button href='https://chat.qwen.ai/authorize?user_code=ABCD-1234&amp;client=qwen-code'" in body
+    )
+    assert "<svg" in body and 'class="qr"' in body
     assert "<span id=seconds-left>600</span>" in body
     assert "data-state='login_pending'" in body and "Login pending" in body
     assert "<meta http-equiv=refresh content=3>" in body
@@ -239,11 +272,15 @@ def test_html_page_of_a_pending_login_shows_code_button_qr_and_seconds_left():
 
 def test_html_page_refreshes_slowly_when_nothing_is_about_to_change():
     assert "<meta http-equiv=refresh content=30>" in text_of(get("/", accept="text/html"))
-    assert "<meta http-equiv=refresh content=3>" in text_of(get("/", snapshot(State.REFRESHING), accept="text/html"))
+    assert "<meta http-equiv=refresh content=3>" in text_of(
+        get("/", snapshot(State.REFRESHING), accept="text/html")
+    )
 
 
 def test_html_page_shows_state_endpoint_expiry_error_and_counters():
-    body = text_of(get("/", snapshot(State.FAILED, last_error="token refresh failed: boom"), accept="text/html"))
+    body = text_of(
+        get("/", snapshot(State.FAILED, last_error="token refresh failed: boom"), accept="text/html")
+    )
     assert "data-state='failed'" in body and ">Failed<" in body
     assert "https://portal.qwen.ai/v1" in body
     assert "2027-01-15T09:00:00Z (in 1 h 00 min)" in body
@@ -272,8 +309,18 @@ def test_html_page_allows_no_script_and_no_framing():
 
 
 def test_hostile_login_url_and_user_code_are_escaped_and_not_linked():
-    hostile = Login(url="javascript:alert(document.cookie)//<script>", user_code="<script>alert(1)</script>", expires_at=NOW + 60)
-    body = text_of(get("/", snapshot(State.LOGIN_PENDING, login=hostile, last_error="<img src=x onerror=alert(1)>"), accept="text/html"))
+    hostile = Login(
+        url="javascript:alert(document.cookie)//<script>",
+        user_code="<script>alert(1)</script>",
+        expires_at=NOW + 60,
+    )
+    body = text_of(
+        get(
+            "/",
+            snapshot(State.LOGIN_PENDING, login=hostile, last_error="<img src=x onerror=alert(1)>"),
+            accept="text/html",
+        )
+    )
     assert "<script>" not in body
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
     assert "<img" not in body
@@ -353,8 +400,14 @@ def test_unknown_paths_get_a_json_404(path):
 
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
-    [("GET", "/login", "POST"), ("GET", "/logout", "POST"), ("DELETE", "/", "GET, HEAD"),
-     ("POST", "/", "GET, HEAD"), ("POST", "/status.json", "GET, HEAD"), ("PUT", "/qr.svg", "GET, HEAD")],
+    [
+        ("GET", "/login", "POST"),
+        ("GET", "/logout", "POST"),
+        ("DELETE", "/", "GET, HEAD"),
+        ("POST", "/", "GET, HEAD"),
+        ("POST", "/status.json", "GET, HEAD"),
+        ("PUT", "/qr.svg", "GET, HEAD"),
+    ],
 )
 def test_wrong_methods_get_405_with_allow(method, path, allow):
     page = get(path, method=method)
@@ -392,7 +445,11 @@ def test_form_post_from_the_page_redirects_back_to_it():
     page, actions = post("/login", headers)
     assert page.status == 303 and page.headers["Location"] == "/"
     assert actions.calls == ["login"]
-    page, _ = post(PATH_PREFIX + "/logout", {**headers, "Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080"}, host="127.0.0.1")
+    page, _ = post(
+        PATH_PREFIX + "/logout",
+        {**headers, "Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080"},
+        host="127.0.0.1",
+    )
     assert page.status == 303 and page.headers["Location"] == PATH_PREFIX + "/"
 
 
@@ -425,7 +482,14 @@ def test_cross_site_posts_are_refused(headers):
         ("portal.qwen.ai", {"Origin": "https://portal.qwen.ai", "Sec-Fetch-Site": "same-origin"}),
         ("127.0.0.1", {"Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080"}),
         # reverse mode: mitmproxy rewrote Host to the upstream; the browser vouches for same-origin
-        ("dashscope.aliyuncs.com", {"Origin": "http://127.0.0.1:8080", "Host": "dashscope.aliyuncs.com", "Sec-Fetch-Site": "same-origin"}),
+        (
+            "dashscope.aliyuncs.com",
+            {
+                "Origin": "http://127.0.0.1:8080",
+                "Host": "dashscope.aliyuncs.com",
+                "Sec-Fetch-Site": "same-origin",
+            },
+        ),
         ("dashscope.aliyuncs.com", {"Origin": "http://localhost:8080", "Sec-Fetch-Site": "same-origin"}),
         (MAGIC_HOST, {}),  # curl and other non-browser clients
         (MAGIC_HOST, {"Sec-Fetch-Site": "none"}),
@@ -448,11 +512,26 @@ def test_an_action_that_raises_is_a_500_not_a_crash():
 header_names = st.sampled_from(["Accept", "accept", "Origin", "origin", "Sec-Fetch-Site", "Host", "X-Other"])
 header_values = st.one_of(
     st.text(max_size=80),
-    st.sampled_from(["null", "http://qwen.auth", "http://[::1", "https://a:99999", "text/html;q=NaN", "*/*;q=inf", "cross-site"]),
+    st.sampled_from(
+        [
+            "null",
+            "http://qwen.auth",
+            "http://[::1",
+            "https://a:99999",
+            "text/html;q=NaN",
+            "*/*;q=inf",
+            "cross-site",
+        ]
+    ),
 )
 logins = st.one_of(
     st.none(),
-    st.builds(Login, url=st.text(max_size=300), user_code=st.text(max_size=30), expires_at=st.floats(allow_nan=False, allow_infinity=False, min_value=0, max_value=4e9)),
+    st.builds(
+        Login,
+        url=st.text(max_size=300),
+        user_code=st.text(max_size=30),
+        expires_at=st.floats(allow_nan=False, allow_infinity=False, min_value=0, max_value=4e9),
+    ),
 )
 snapshots = st.builds(
     Snapshot,
@@ -471,7 +550,9 @@ snapshots = st.builds(
     host=st.one_of(st.just(MAGIC_HOST), st.text(max_size=30)),
     path=st.one_of(
         st.text(max_size=60),
-        st.sampled_from(["/", "/status", "/status.json", "/login", "/logout", "/qr.svg"]).map(lambda p: PATH_PREFIX + p),
+        st.sampled_from(["/", "/status", "/status.json", "/login", "/logout", "/qr.svg"]).map(
+            lambda p: PATH_PREFIX + p
+        ),
         st.sampled_from(["/", "/login", "/logout", "/qr.svg?x", "/status.json"]),
     ),
     headers=st.dictionaries(header_names, header_values, max_size=5),

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-import qwenproxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import qwenproxy
 from qwenproxy import store as store_module
 from qwenproxy.profile import QWEN
 from qwenproxy.store import (
@@ -77,8 +78,7 @@ def qwen_code_accepts(raw: bytes) -> bool:
     return (
         isinstance(obj, dict)
         and all(
-            isinstance(obj.get(k), str) and obj[k]
-            for k in ("access_token", "refresh_token", "token_type")
+            isinstance(obj.get(k), str) and obj[k] for k in ("access_token", "refresh_token", "token_type")
         )
         and isinstance(obj.get("expiry_date"), (int, float))
         and not isinstance(obj.get("expiry_date"), bool)
@@ -350,11 +350,7 @@ def test_repr_and_str_do_not_show_tokens():
 # --- property tests -----------------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12,
 )
@@ -688,8 +684,7 @@ def test_load_of_a_corrupt_file_gives_none_and_the_reason(tmp_path):
     s.path.write_text('{"access_token": "x"}')
     assert s.load() is None
     assert s.problem == (
-        f"{s.path}: field refresh_token is missing; field token_type is missing; "
-        "field expiry_date is missing"
+        f"{s.path}: field refresh_token is missing; field token_type is missing; field expiry_date is missing"
     )
 
 

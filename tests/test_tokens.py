@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from qwenproxy import oauth
 from qwenproxy.oauth import OAuthClient
 from qwenproxy.standin import Fault
@@ -37,7 +38,9 @@ def manager(standin, home: Path, closing, **kwargs) -> TokenManager:
     client_kwargs = {k: kwargs.pop(k) for k in ("sleep", "timeout_s") if k in kwargs}
     if "clock" in kwargs:
         client_kwargs["clock"] = kwargs["clock"]
-    store = CredentialStore(home, clock=kwargs.get("clock", time.time), check_interval_s=kwargs.pop("check_interval_s", None))
+    store = CredentialStore(
+        home, clock=kwargs.get("clock", time.time), check_interval_s=kwargs.pop("check_interval_s", None)
+    )
     m = TokenManager(store, make_client(standin, **client_kwargs), **kwargs)
     closing(m)
     return m

@@ -81,7 +81,9 @@ def is_local_client(flow: http.HTTPFlow) -> bool:
 
 def error_body(message: str, type_: str, code: str, **extra: Any) -> bytes:
     """An OpenAI-style error document, which SDKs show to their users."""
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code, **extra}}).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code, **extra}}
+    ).encode()
 
 
 def redacted(token: str) -> str:
@@ -194,7 +196,10 @@ class QwenAuth:
             if name in updated and not 0 <= value <= high:
                 raise exceptions.OptionsError(f"{name} must be between 0 and {high} seconds, got {value}")
         if "qwen_retry_after" in updated and opts.qwen_retry_after > 60:
-            log.warning("qwen_retry_after=%d: SDKs ignore long Retry-After values and stop retrying", opts.qwen_retry_after)
+            log.warning(
+                "qwen_retry_after=%d: SDKs ignore long Retry-After values and stop retrying",
+                opts.qwen_retry_after,
+            )
         if "qwen_oauth_url" in updated:
             try:
                 check_oauth_base_url(opts.qwen_oauth_url)
@@ -230,7 +235,9 @@ class QwenAuth:
             auth_timeout_s=opts.qwen_auth_timeout,
             listener=TerminalAnnouncer(open_browser=opts.qwen_open_browser),
         )
-        self.resender = Resender(verify=False if opts.ssl_insecure else verify, proxy=_upstream_proxy(opts.mode))
+        self.resender = Resender(
+            verify=False if opts.ssl_insecure else verify, proxy=_upstream_proxy(opts.mode)
+        )
 
     def _spawn(self, coro) -> asyncio.Task | None:
         """Run `coro` in the background, owned by the addon; its failure is logged."""
@@ -417,7 +424,9 @@ class QwenAuth:
         """The API rejected the token: refresh once (shared) and send the request once more."""
         assert self.tokens is not None and self.resender is not None and flow.response is not None
         rejected = flow.response.status_code
-        log.info("Qwen API answered %d for %s; refreshing the token and retrying once", rejected, flow.request.url)
+        log.info(
+            "Qwen API answered %d for %s; refreshing the token and retrying once", rejected, flow.request.url
+        )
         try:
             creds = await self.tokens.refresh(rejected=handled.creds)
         except oauth.InvalidGrant:
@@ -445,12 +454,19 @@ class QwenAuth:
         except httpx.HTTPError as e:
             log.warning("retry after an upstream %d failed: %s", rejected, e)
             flow.response = json_response(
-                502, error_body(f"Retrying the request with a refreshed token failed: {e}", "qwen_retry_failed", "bad_gateway")
+                502,
+                error_body(
+                    f"Retrying the request with a refreshed token failed: {e}",
+                    "qwen_retry_failed",
+                    "bad_gateway",
+                ),
             )
             return
         handled.creds = creds
         flow.response = answer
-        flow.comment = f"qwen: upstream answered {rejected}; token refreshed and request retried ({answer.status_code})"
+        flow.comment = (
+            f"qwen: upstream answered {rejected}; token refreshed and request retried ({answer.status_code})"
+        )
         self.counters["retried"] += 1
 
     def _answer_unavailable(self, flow: http.HTTPFlow, why: Unavailable) -> None:

@@ -22,13 +22,17 @@ from .tokens import State, TokenManager
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwenproxy", description=__doc__.split("\n")[0])
-    parser.add_argument("--qwen-home", default=None, help="credential directory (default: $QWEN_HOME or ~/.qwen)")
+    parser.add_argument(
+        "--qwen-home", default=None, help="credential directory (default: $QWEN_HOME or ~/.qwen)"
+    )
     parser.add_argument("--oauth-url", default=QWEN.oauth_base_url, help="OAuth server base URL")
     parser.add_argument("--ca", default=None, help="extra CA file (PEM) to trust for the OAuth server")
     sub = parser.add_subparsers(dest="command", required=True)
     login = sub.add_parser("login", help="log in with the device flow and write the shared credential file")
     login.add_argument("--no-browser", action="store_true", help="only print the link")
-    login.add_argument("--timeout", type=int, default=0, help="seconds to wait for approval (0: the code's lifetime)")
+    login.add_argument(
+        "--timeout", type=int, default=0, help="seconds to wait for approval (0: the code's lifetime)"
+    )
     sub.add_parser("status", help="show the login state (never the token); exit 0 when a token is usable")
     sub.add_parser("logout", help="delete the shared credential file")
     return parser

@@ -129,7 +129,11 @@ def status_document(snapshot: Snapshot, now: float) -> dict[str, Any]:
         "expires_in": _seconds_until(snapshot.expires_at, now),
         "login": None
         if login is None
-        else {"url": login.url, "user_code": login.user_code, "expires_in": _seconds_until(login.expires_at, now)},
+        else {
+            "url": login.url,
+            "user_code": login.user_code,
+            "expires_in": _seconds_until(login.expires_at, now),
+        },
         "last_error": _clip(snapshot.last_error),
         "counters": {str(k): int(v) for k, v in snapshot.counters.items()},
     }
@@ -178,7 +182,9 @@ def _action(
     try:
         message = actions.login() if name == "login" else actions.logout()
     except Exception as e:  # the page must answer, whatever the lifecycle does
-        return _error(500, f"The {name} action failed: {type(e).__name__}: {e}", "server_error", "action_failed")
+        return _error(
+            500, f"The {name} action failed: {type(e).__name__}: {e}", "server_error", "action_failed"
+        )
     if _prefers_html(_header(headers, "accept")):
         # Post/Redirect/Get: back to the page, whose next refresh shows the new state.
         return Page(303, {**_headers("text/plain; charset=utf-8"), "Location": base}, message.encode())
@@ -324,7 +330,12 @@ def _error(status: int, message: str, type_: str, code: str) -> Page:
 
 
 def _not_allowed(allowed: tuple[str, ...]) -> Page:
-    page = _error(405, f"Method not allowed here; use {' or '.join(allowed)}.", "method_not_allowed", "method_not_allowed")
+    page = _error(
+        405,
+        f"Method not allowed here; use {' or '.join(allowed)}.",
+        "method_not_allowed",
+        "method_not_allowed",
+    )
     return Page(page.status, {**page.headers, "Allow": ", ".join(allowed)}, page.body)
 
 
@@ -482,7 +493,9 @@ def _html_page(snapshot: Snapshot, now: float, base: str) -> Page:
             f"<form method=post action='{e(base)}login'><button class=primary type=submit>Log in now</button></form>"
         )
     if state is not State.LOGGED_OUT:
-        parts.append(f"<form method=post action='{e(base)}logout'><button type=submit>Log out</button></form>")
+        parts.append(
+            f"<form method=post action='{e(base)}logout'><button type=submit>Log out</button></form>"
+        )
     parts.append("</section>")
     parts.append(
         f"<footer>Refreshes every {refresh} s · <a href='{e(base)}status.json'>JSON</a> · "

@@ -721,8 +721,7 @@ class CredentialStore:
             return
         if not removed:
             log.warning(
-                "The credential lock %s was no longer ours on release (held too long and "
-                "broken as stale?)",
+                "The credential lock %s was no longer ours on release (held too long and broken as stale?)",
                 self.lock_path,
             )
 

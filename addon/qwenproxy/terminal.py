@@ -76,7 +76,9 @@ class TerminalAnnouncer(LoginListener):
         self._last_progress = now
         left = _duration(login.seconds_left(now))
         if problem:
-            log.warning("Qwen login: still waiting for approval of %s (%s left); %s", login.user_code, left, problem)
+            log.warning(
+                "Qwen login: still waiting for approval of %s (%s left); %s", login.user_code, left, problem
+            )
         else:
             log.info("Qwen login: still waiting for approval of %s (%s left)", login.user_code, left)
 

@@ -29,7 +29,7 @@ from .store import Credentials, CredentialStore, LockTimeout
 log = logging.getLogger(__name__)
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     LOGGED_OUT = "logged_out"
     VALID = "valid"
     EXPIRED = "expired"
@@ -219,8 +219,10 @@ class TokenManager:
                 disk = await self.store.load_async()
                 now = self.clock()
                 stale = rejected or self._creds
-                if disk is not None and disk.is_usable(now) and (
-                    stale is None or disk.access_token != stale.access_token
+                if (
+                    disk is not None
+                    and disk.is_usable(now)
+                    and (stale is None or disk.access_token != stale.access_token)
                 ):
                     log.info("token was refreshed by another process; using it")
                     self._adopt(disk)

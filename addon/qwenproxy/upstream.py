@@ -33,7 +33,9 @@ HOP_BY_HOP = frozenset(
 
 
 class Resender:
-    def __init__(self, *, verify: ssl.SSLContext | bool = True, proxy: str | None = None, timeout_s: float = 600):
+    def __init__(
+        self, *, verify: ssl.SSLContext | bool = True, proxy: str | None = None, timeout_s: float = 600
+    ):
         self._client = httpx.AsyncClient(
             verify=verify,
             proxy=proxy,
@@ -47,7 +49,9 @@ class Resender:
 
         Raises httpx.HTTPError on network failure."""
         out: list[tuple[str, str]] = [
-            (k, v) for k, v in request.headers.items(multi=True) if k.lower() not in HOP_BY_HOP and k not in headers
+            (k, v)
+            for k, v in request.headers.items(multi=True)
+            if k.lower() not in HOP_BY_HOP and k not in headers
         ]
         out += list(headers.items())
         started = time.time()
@@ -56,9 +60,7 @@ class Resender:
         ) as answer:
             raw = b"".join([chunk async for chunk in answer.aiter_raw()])
         kept: Any = [
-            (k.encode(), v.encode())
-            for k, v in answer.headers.multi_items()
-            if k.lower() not in HOP_BY_HOP
+            (k.encode(), v.encode()) for k, v in answer.headers.multi_items() if k.lower() not in HOP_BY_HOP
         ]
         kept.append((b"content-length", str(len(raw)).encode()))
         return http.Response(

@@ -29,7 +29,10 @@ from qwenproxy.store import CredentialStore, parse_credentials
 
 def alternate(home: str, a_path: str, b_path: str) -> None:
     store = CredentialStore(home)
-    versions = [("A", parse_credentials(Path(a_path).read_bytes())), ("B", parse_credentials(Path(b_path).read_bytes()))]
+    versions = [
+        ("A", parse_credentials(Path(a_path).read_bytes())),
+        ("B", parse_credentials(Path(b_path).read_bytes())),
+    ]
     out = sys.stdout
     while True:
         for name, creds in versions:

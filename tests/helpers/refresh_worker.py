@@ -17,7 +17,9 @@ from qwenproxy.tokens import TokenManager
 
 
 async def main(home: str, url: str, ca: str) -> int:
-    tokens = TokenManager(CredentialStore(home), OAuthClient(url, verify=ssl.create_default_context(cafile=ca)))
+    tokens = TokenManager(
+        CredentialStore(home), OAuthClient(url, verify=ssl.create_default_context(cafile=ca))
+    )
     try:
         tokens.usable()
         print("ready", flush=True)

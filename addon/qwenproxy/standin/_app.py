@@ -258,9 +258,7 @@ class AuthorizeHandler(BaseHandler):
         user_code = self.get_body_argument("user_code", "")
         action = self.get_body_argument("action", "")
         if action not in ("approve", "deny") or not user_code:
-            page = _pages.outcome(
-                "Bad request", "The form needs a user code and a decision.", False
-            )
+            page = _pages.outcome("Bad request", "The form needs a user code and a decision.", False)
             return self._html(400, page)
         try:
             self.service.decide(user_code, approve=action == "approve")

@@ -130,9 +130,7 @@ def split_text(text: str, n: int) -> list[str]:
 def models_list(created: int) -> dict:
     return {
         "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": created, "owned_by": "qwen"} for m in MODELS
-        ],
+        "data": [{"id": m, "object": "model", "created": created, "owned_by": "qwen"} for m in MODELS],
     }
 
 
@@ -140,9 +138,7 @@ def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: keep the text ones
-        return " ".join(
-            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 

@@ -255,9 +255,7 @@ class Service:
             if not verifier or not _VERIFIER.fullmatch(verifier):
                 raise OAuthError(400, "invalid_request", "code_verifier is missing or malformed")
             if s256(verifier) != auth.challenge:
-                raise OAuthError(
-                    400, "invalid_grant", "code_verifier does not match code_challenge"
-                )
+                raise OAuthError(400, "invalid_grant", "code_verifier does not match code_challenge")
             previous, auth.last_poll_at = auth.last_poll_at, now
             spacing = self.settings.poll_spacing
             if previous is not None and now - previous < spacing * POLL_TOLERANCE:
@@ -356,9 +354,7 @@ class Service:
     def _pending_locked(self) -> list[_DeviceAuthorization]:
         now = self.settings.clock()
         return [
-            a
-            for a in self._by_user_code.values()
-            if a.state is DeviceState.PENDING and now < a.expires_at
+            a for a in self._by_user_code.values() if a.state is DeviceState.PENDING and now < a.expires_at
         ]
 
     def wait_for_device_code(self, timeout: float) -> str:
@@ -501,9 +497,7 @@ def parse_form(content_type: str | None, body: bytes) -> dict[str, str]:
     """Parse an OAuth request body strictly: urlencoded, UTF-8, no repeated parameters."""
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/x-www-form-urlencoded":
-        raise OAuthError(
-            400, "invalid_request", "Content-Type must be application/x-www-form-urlencoded"
-        )
+        raise OAuthError(400, "invalid_request", "Content-Type must be application/x-www-form-urlencoded")
     try:
         pairs = urllib.parse.parse_qsl(
             body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body)
