@@ -18,11 +18,13 @@ import asyncio
 import enum
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import oauth
+from .login_claim import Claim, LoginClaims
 from .oauth import DeviceAuthorization, OAuthClient, OAuthError
 from .store import Credentials, CredentialStore, LockTimeout
 
@@ -72,6 +74,10 @@ class Snapshot:
     counters: dict[str, int]
 
 
+class LoginElsewhereFailed(Exception):
+    """The login another process ran ended without credentials."""
+
+
 class LoginListener:
     """Receives the login's story; the terminal module tells it to the user. Defaults do nothing."""
 
@@ -103,6 +109,9 @@ class TokenManager:
         self.failure_cooldown_s = failure_cooldown_s
         self.login_wait_s = login_wait_s
         self.listener = listener or LoginListener()
+        self.claims = LoginClaims(store.home, clock=clock)
+        self.follow_poll_s = 1.0
+        self._owner = uuid.uuid4().hex
         self.counters: Counter[str] = Counter()
 
         self._creds: Credentials | None = None
@@ -343,27 +352,24 @@ class TokenManager:
 
     async def _run_login(self) -> None:
         try:
-            auth = await self.client.start_device_flow()
-            self._login = _login_of(auth)
-            self._login_started.set()
-            self.counters["login_starts"] += 1
-            self.listener.login_started(self._login)
-            creds = await self.client.wait_for_approval(
-                auth,
-                timeout_s=self.auth_timeout_s,
-                on_wait=lambda a, problem: self.listener.login_waiting(
-                    _login_of(a), str(problem) if problem else None
-                ),
-            )
-            saved = await self._persist(creds)
+            other = await asyncio.to_thread(self.claims.claim, self._owner)
+            if other is None:
+                try:
+                    creds = await self._device_flow()
+                    saved = await self._persist(creds)
+                finally:  # after the write: who follows this login finds the token at once
+                    self.claims.release(self._owner)
+            else:
+                creds, saved = await self._follow(other), None
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a broken server must never leave the login stuck
-            reason = str(e) if isinstance(e, (OAuthError, LockTimeout)) else f"{type(e).__name__}: {e}"
+            known = (OAuthError, LockTimeout, LoginElsewhereFailed)
+            reason = str(e) if isinstance(e, known) else f"{type(e).__name__}: {e}"
             self._last_error = f"login failed: {reason}"
             self._failed_until = self.clock() + self.failure_cooldown_s
             self.counters["login_failures"] += 1
-            if not isinstance(e, (OAuthError, LockTimeout, OSError)):
+            if not isinstance(e, (*known, OSError)):
                 log.exception("unexpected error in the login")
             self.listener.login_failed(reason)
         else:
@@ -373,6 +379,47 @@ class TokenManager:
         finally:
             self._login = None
             self._login_started.set()
+
+    async def _device_flow(self) -> Credentials:
+        auth = await self.client.start_device_flow()
+        self._login = _login_of(auth)
+        self.claims.publish(self._owner, self._login.url, self._login.user_code, self._login.expires_at)
+        self._login_started.set()
+        self.counters["login_starts"] += 1
+        self.listener.login_started(self._login)
+        return await self.client.wait_for_approval(
+            auth,
+            timeout_s=self.auth_timeout_s,
+            on_wait=lambda a, problem: self.listener.login_waiting(
+                _login_of(a), str(problem) if problem else None
+            ),
+        )
+
+    async def _follow(self, claim: Claim) -> Credentials:
+        """Another process runs the login: show its link and code, wait for its credentials."""
+        log.info("another process (pid %d) is running the Qwen login; waiting for it", claim.pid)
+        while True:
+            if claim.url and claim.user_code and claim.expires_at:
+                login = Login(claim.url, claim.user_code, claim.expires_at)
+                if login != self._login:
+                    self._login = login
+                    self._login_started.set()
+                    log.warning(
+                        "Qwen login pending in another process: open %s and approve code %s",
+                        login.url,
+                        login.user_code,
+                    )
+            await asyncio.sleep(self.follow_poll_s)
+            creds = await self.store.load_async()
+            if creds is not None and creds.is_usable(self.clock()):
+                return creds
+            current = await asyncio.to_thread(self.claims.current)
+            if current is None or current.owner != claim.owner:
+                creds = await self.store.load_async()  # it may have ended just after writing
+                if creds is not None and creds.is_usable(self.clock()):
+                    return creds
+                raise LoginElsewhereFailed("the login in the other process ended without a token")
+            claim = current
 
     # -- other actions ---------------------------------------------------------------------
 
