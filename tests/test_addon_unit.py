@@ -5,6 +5,7 @@ import asyncio
 import json
 import socket
 import time
+from typing import Optional
 
 import pytest
 from mitmproxy import exceptions
@@ -402,3 +403,24 @@ async def test_login_and_logout_commands(tctx, addon, tmp_path):
     assert tctx.command(addon.login) == "Qwen login started"
     await addon.tokens.wait_login()
     assert "login failed" in addon.status()
+
+
+@pytest.mark.parametrize(
+    "options,warned",
+    [
+        (dict(qwen_allow_remote=True, listen_host=""), True),
+        (dict(qwen_allow_remote=True, listen_host="0.0.0.0"), True),
+        (dict(qwen_allow_remote=True, listen_host="127.0.0.1"), False),
+        (dict(qwen_allow_remote=True, listen_host="", proxyauth="user:secret"), False),
+        (dict(qwen_allow_remote=False, listen_host=""), False),
+        (dict(qwen_allow_remote=True, listen_host="", mode=["local"]), False),
+    ],
+)
+async def test_warns_when_anyone_on_the_network_could_use_the_token(tctx, addon, caplog, options, warned):
+    tctx.options.add_option(
+        "proxyauth", Optional[str], None, "mitmproxy's proxyauth addon is not loaded here"
+    )
+    tctx.configure(addon, **options)
+    with caplog.at_level("WARNING"):
+        addon.running()
+    assert ("anyone who can reach it can use your Qwen account" in caplog.text) is warned

@@ -272,7 +272,7 @@ class QwenAuth:
 
     def _warn_if_exposed(self) -> None:
         opts = ctx.options
-        if not opts.qwen_allow_remote or opts.proxyauth:
+        if not opts.qwen_allow_remote or ("proxyauth" in opts and opts.proxyauth):
             return
         exposed = [
             spec
