@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test demo bench setup clean
+.PHONY: run test lint demo bench setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 4 $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check addon tests
+	$(BIN)/ruff format --check addon tests
 
 demo: $(STAMP)
 	$(BIN)/python -m qwenproxy.demo $(ARGS)
