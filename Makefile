@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# `run` needs the package; everything else also needs the test tools.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 ARGS ?=
 
@@ -9,14 +11,18 @@ ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 # Loopback only unless ARGS says otherwise (a later --listen-host wins).
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/mitmdump -s addon/qwen_addon.py --listen-host 127.0.0.1 $(ARGS)
 
 test: $(STAMP)
