@@ -639,6 +639,9 @@ async def test_process_killed_in_the_middle_of_writing_credentials_never_tears_t
         tokens, _ = lifecycle(standin, home, closing)
         got = await soon(tokens.acquire())
         assert got in versions.values()
+        # The next save sweeps the temp files of writers that are gone.
+        CredentialStore(home).save(versions["A"])
+        assert not [n for n in files_in(home) if TEMP_NAME.fullmatch(n)]
         assert await api_status(standin, got) == 200
     assert standin.counts["token_refresh"] == 0 and standin.counts["device_code"] == 0
 

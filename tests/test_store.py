@@ -1214,3 +1214,22 @@ async def test_processes_racing_to_refresh_refresh_exactly_once(tmp_path):
     assert tokens == {s.load().access_token}
     assert s.load().access_token.startswith("access-from-pid-")
     assert files_in(tmp_path) == ["oauth_creds.json"]
+
+
+def test_save_sweeps_temp_files_of_dead_writers_only(tmp_path):
+    import subprocess
+    import sys
+
+    store = CredentialStore(tmp_path)
+    store.save(creds())
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = tmp_path / f"oauth_creds.json.tmp-{int(gone.stdout)}-{'0' * 32}"
+    alive = tmp_path / f"oauth_creds.json.tmp-{os.getpid()}-{'1' * 32}"
+    other = tmp_path / "oauth_creds.json.corrupt-20260101T000000Z"
+    for path in (dead, alive, other):
+        path.write_text("{")
+    store.save(creds(access_token="second-token-value"))
+    assert not dead.exists()
+    assert alive.exists() and other.exists()

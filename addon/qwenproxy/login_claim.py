@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .store import pid_alive
+
 log = logging.getLogger(__name__)
 
 CLAIM_FILE = "qwenproxy-login.json"
@@ -39,16 +41,6 @@ class Claim:
     url: str | None = None
     user_code: str | None = None
     expires_at: float | None = None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def parse_claim(data: bytes) -> Claim | None:

@@ -276,6 +276,17 @@ _Signature = tuple[Any, ...] | None
 _NEVER_SEEN: Any = object()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
 def _signature(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, st.st_ctime_ns)
 
@@ -554,7 +565,18 @@ class CredentialStore:
             os.close(fd)
         self._fsync_dir()
         self._saw(sig)
+        self._sweep_temp_files()
         self.problem, self._warned_for = None, _NEVER_SEEN
+
+    def _sweep_temp_files(self) -> None:
+        """Remove temp files that writers killed mid-save left behind (their process is gone)."""
+        prefix = f"{self.path.name}.tmp-"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.home):
+                pid = entry.name[len(prefix) :].split("-", 1)[0]
+                if entry.name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     def _fsync_dir(self) -> None:
         """Make the rename durable. The new file is in place already, so a failure is only logged."""
