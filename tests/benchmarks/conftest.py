@@ -1,0 +1,3 @@
+"""Benchmarks are run with `make bench`, never collected by pytest (`make test`)."""
+
+collect_ignore_glob = ["*"]
