@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -29,7 +30,7 @@ from mitmproxy.proxy import mode_specs
 
 from . import oauth, routing, status
 from .oauth import OAuthClient, check_oauth_base_url
-from .profile import QWEN, api_headers
+from .profile import QWEN, api_header_fields
 from .store import Credentials, CredentialStore, LockTimeout, mask, resolve_home
 from .terminal import TerminalAnnouncer
 from .tokens import Snapshot, TokenManager, Unavailable
@@ -71,12 +72,44 @@ def is_local_client(flow: http.HTTPFlow) -> bool:
     if isinstance(flow.client_conn.proxy_mode, mode_specs.LocalMode):
         return True
     try:
-        address = ipaddress.ip_address(flow.client_conn.peername[0].split("%", 1)[0])
-    except (ValueError, IndexError, TypeError):
+        return _is_loopback_peer(flow.client_conn.peername[0])
+    except (IndexError, TypeError):
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def _is_loopback_peer(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except (ValueError, TypeError, AttributeError):
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+@functools.lru_cache(maxsize=8)
+def _token_forms(token: str) -> tuple[bytes, bytes, str]:
+    """What a flow gets of a token, computed once per token: the Authorization value, its
+    redacted form, the masked form for flow metadata."""
+    return f"Bearer {token}".encode(), redacted(token).encode(), mask(token)
+
+
+def replace_headers(headers: http.Headers, new: tuple[tuple[bytes, bytes], ...]) -> None:
+    """Set several headers in one pass over the fields (each `headers[k] = v` is a pass of its own).
+    Replaced headers keep their place; duplicates of them go; missing ones are appended."""
+    wanted = {name.lower(): (name, value) for name, value in new}
+    placed = set()
+    out = []
+    for field in headers.fields:
+        key = field[0].lower()
+        if key in wanted:
+            if key not in placed:
+                placed.add(key)
+                out.append(wanted[key])
+            continue
+        out.append(field)
+    headers.fields = (*out, *(pair for key, pair in wanted.items() if key not in placed))
 
 
 def error_body(message: str, type_: str, code: str, **extra: Any) -> bytes:
@@ -119,6 +152,8 @@ class QwenAuth:
         self._account: tuple[object, routing.Origin | None] = (_UNSET, None)
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, _Handled] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task] = set()
+        self._allow_remote = False
+        self._route_enabled = True
 
     # -- options ---------------------------------------------------------------------------
 
@@ -185,6 +220,9 @@ class QwenAuth:
 
     def configure(self, updated: set[str]):
         opts = ctx.options
+        # Read here, not per request: every `ctx.options.x` read deep-copies the value.
+        self._allow_remote = opts.qwen_allow_remote
+        self._route_enabled = opts.qwen_route
         if "qwen_hosts" in updated:
             self._account = (_UNSET, None)  # trust in the account's endpoint depends on the hosts
             try:
@@ -314,7 +352,7 @@ class QwenAuth:
                 if account is None or name != account.host:
                     return
             serve_status = status.is_status_request(name, flow.request.path)
-        if not ctx.options.qwen_allow_remote and not is_local_client(flow):
+        if not self._allow_remote and not is_local_client(flow):
             self._answer_remote(flow)
             return
         if serve_status:
@@ -394,7 +432,7 @@ class QwenAuth:
         """Point the request at the account's endpoint, or at least at the matched name over TLS."""
         request = flow.request
         account = self._account_origin(creds)
-        if account is not None and ctx.options.qwen_route and name != account.host:
+        if account is not None and self._route_enabled and name != account.host:
             path = routing.route(request.path, account)
             if path is not None:
                 request.scheme, request.host, request.port = account.scheme, account.host, account.port
@@ -408,17 +446,20 @@ class QwenAuth:
             request.scheme, request.host, request.port = scheme, name, port
 
     def _inject(self, flow: http.HTTPFlow, handled: _Handled) -> None:
-        headers = flow.request.headers
-        headers["Authorization"] = f"Bearer {handled.creds.access_token}"
-        for key, value in api_headers().items():
-            headers[key] = value
+        bearer, _, masked = _token_forms(handled.creds.access_token)
+        replace_headers(flow.request.headers, ((b"Authorization", bearer), *api_header_fields()))
         handled.injected = True
-        flow.metadata[META] = {"token": mask(handled.creds.access_token)}
+        flow.metadata[META] = {"token": masked}
         self.counters["injected"] += 1
 
     def _redact(self, flow: http.HTTPFlow, handled: _Handled) -> None:
-        if flow.request.headers.get("Authorization", "").endswith(handled.creds.access_token):
-            flow.request.headers["Authorization"] = redacted(handled.creds.access_token)
+        bearer, hidden, _ = _token_forms(handled.creds.access_token)
+        headers = flow.request.headers
+        fields = headers.fields
+        for i, (name, value) in enumerate(fields):
+            if value == bearer and name.lower() == b"authorization":
+                headers.fields = (*fields[:i], (name, hidden), *fields[i + 1 :])
+                return
 
     async def _retry_rejected(self, flow: http.HTTPFlow, handled: _Handled) -> None:
         """The API rejected the token: refresh once (shared) and send the request once more."""

@@ -6,6 +6,7 @@ A future provider would be another profile, not another code path.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class Profile:
 QWEN = Profile()
 
 
+@functools.cache
 def user_agent() -> str:
     """Qwen Code's User-Agent: `QwenCode/<version> (<platform>; <arch>)`."""
     system = platform.system().lower() or "unknown"
@@ -56,6 +58,12 @@ def user_agent() -> str:
     machine = platform.machine().lower() or "unknown"
     machine = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64"}.get(machine, machine)
     return f"QwenCode/{QWEN_CODE_VERSION} ({system}; {machine})"
+
+
+@functools.cache
+def api_header_fields() -> tuple[tuple[bytes, bytes], ...]:
+    """`api_headers()` as the (name, value) byte pairs of mitmproxy's `Headers.fields`, built once."""
+    return tuple((k.encode(), v.encode()) for k, v in api_headers().items())
 
 
 def api_headers() -> dict[str, str]:

@@ -40,6 +40,9 @@ def normalize_host(host: str) -> str:
 
 
 def is_ip(host: str) -> bool:
+    # Cheap answer for the common case, a name: IPv4 ends in a digit, IPv6 has a colon.
+    if ":" not in host and not host.strip().rstrip(".")[-1:].isdigit():
+        return False
     try:
         ipaddress.ip_address(normalize_host(host))
         return True
