@@ -14,6 +14,7 @@ from hypothesis import settings
 
 from qwenproxy.standin import StandIn
 from qwenproxy.store import Credentials, CredentialStore
+from qwenproxy.tokens import TokenManager
 
 from .harness import Mitmdump
 
@@ -76,20 +77,36 @@ def mitm_confdir(tmp_path_factory):
     return tmp_path_factory.mktemp("mitmproxy")
 
 
+def proxy_for(standin: StandIn, confdir: Path, qwen_home: Path, mode: str = "regular", **kwargs) -> Mitmdump:
+    """A mitmdump (not started) with the addon, whose OAuth server and upstream is `standin` and
+    whose Qwen hosts are `localhost`. `kwargs` go to `Mitmdump` (options, args, listen_host)."""
+    options = {"qwen_hosts": ["localhost"], **kwargs.pop("options", {})}
+    return Mitmdump(
+        confdir=confdir,
+        qwen_home=qwen_home,
+        oauth_url=standin.base_url,
+        upstream_ca=standin.ca_path,
+        mode=mode,
+        options=options,
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def start_proxy(standin, tmp_path, mitm_confdir):
     started: list[Mitmdump] = []
 
-    def start(mode: str = "regular", standin: StandIn = standin, **options) -> Mitmdump:
-        """A mitmdump whose OAuth server is `standin` (the `standin` fixture unless given)."""
-        options.setdefault("qwen_hosts", ["localhost"])
-        proxy = Mitmdump(
-            confdir=mitm_confdir,
-            qwen_home=tmp_path / "qwen",
-            oauth_url=standin.base_url,
-            upstream_ca=standin.ca_path,
-            mode=mode,
+    def start(mode: str = "regular", standin: StandIn = standin, args=(), listen_host="127.0.0.1", **options):
+        """A started mitmdump for `standin` (the `standin` fixture unless given), Qwen home
+        tmp_path/qwen; keyword arguments are mitmproxy options."""
+        proxy = proxy_for(
+            standin,
+            mitm_confdir,
+            tmp_path / "qwen",
+            mode,
             options=options,
+            args=list(args),
+            listen_host=listen_host,
         ).start()
         started.append(proxy)
         return proxy
@@ -99,7 +116,17 @@ def start_proxy(standin, tmp_path, mitm_confdir):
         proxy.stop()
 
 
+@pytest.fixture
+async def closing():
+    """Register TokenManagers to close after the test: `closing(manager)`."""
+    managers: list[TokenManager] = []
+    yield managers.append
+    for m in managers:
+        await m.aclose()
+
+
 def seed(standin, home, *, expired=False) -> Credentials:
+    """Write a fresh (or expired) login of the stand-in into `home`, as Qwen Code would."""
     minted = standin.mint_tokens()
     expiry = time.time() + (-60 if expired else minted["expires_in"])
     creds = Credentials(

@@ -14,8 +14,8 @@ import pytest
 
 from qwenproxy.standin import StandIn
 
-from .conftest import seed
-from .harness import ROOT, Mitmdump, clean_env
+from .conftest import proxy_for, seed
+from .harness import ROOT, clean_env
 
 EXAMPLES = ROOT / "examples"
 GREETING = "Hello from the Qwen stand-in."
@@ -66,14 +66,7 @@ def proxied(tmp_path_factory, mitm_confdir):
     tmp = tmp_path_factory.mktemp("examples")
     with StandIn(cert_dir=tmp / "standin") as standin:
         seed(standin, tmp / "qwen")
-        with Mitmdump(
-            confdir=mitm_confdir,
-            qwen_home=tmp / "qwen",
-            oauth_url=standin.base_url,
-            upstream_ca=standin.ca_path,
-            mode=f"reverse:{standin.base_url}",
-            options={"qwen_hosts": ["localhost"]},
-        ) as proxy:
+        with proxy_for(standin, mitm_confdir, tmp / "qwen", f"reverse:{standin.base_url}") as proxy:
             yield standin, proxy
 
 

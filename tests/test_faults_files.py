@@ -35,7 +35,7 @@ from qwenproxy.profile import QWEN, Profile
 from qwenproxy.store import Credentials, CredentialStore, parse_credentials
 from qwenproxy.tokens import State, TokenManager, Unavailable
 
-from .conftest import CHAT, through
+from .conftest import CHAT, seed, through
 from .harness import ROOT, clean_env
 
 WORKER = Path(__file__).parent / "helpers" / "fault_worker.py"
@@ -50,14 +50,6 @@ def standin(make_standin):
     """The stand-in for this module: polls may come every second and as soon as the test likes
     (no slow_down), so an approved login completes at once. `start_proxy` uses it too."""
     return make_standin(interval=1, min_poll_interval=0)
-
-
-@pytest.fixture
-async def closing():
-    managers: list[TokenManager] = []
-    yield managers.append
-    for m in managers:
-        await m.aclose()
 
 
 class QuickPoll:
@@ -106,20 +98,6 @@ def lifecycle(
     tokens = TokenManager(store, client, clock=clock, failure_cooldown_s=0)
     closing(tokens)
     return tokens, poll
-
-
-def seed(standin, home: Path, *, expired: bool = False) -> Credentials:
-    minted = standin.mint_tokens()
-    expiry = time.time() + (-60 if expired else minted["expires_in"])
-    creds = Credentials(
-        access_token=minted["access_token"],
-        refresh_token=minted["refresh_token"],
-        token_type="Bearer",
-        expiry_date=int(expiry * 1000),
-        resource_url=minted["resource_url"],
-    )
-    CredentialStore(home).save(creds)
-    return creds
 
 
 async def api_status(standin, creds: Credentials) -> int:

@@ -156,14 +156,6 @@ async def test_absurd_poll_interval_is_clamped(make_standin, interval, first_sle
 # -- faults while refreshing -------------------------------------------------------------------
 
 
-@pytest.fixture
-async def closing():
-    managers: list[TokenManager] = []
-    yield managers.append
-    for m in managers:
-        await m.aclose()
-
-
 def lifecycle(standin, home, clock, closing, **kwargs) -> TokenManager:
     client = OAuthClient(standin.base_url, verify=standin.client_ssl_context(), clock=clock, timeout_s=0.5)
     m = TokenManager(CredentialStore(home, clock=clock), client, clock=clock, **kwargs)

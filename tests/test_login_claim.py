@@ -15,7 +15,6 @@ from qwenproxy.store import CredentialStore
 from qwenproxy.tokens import TokenManager, Unavailable
 
 from .conftest import CHAT
-from .harness import Mitmdump
 
 
 class Clock:
@@ -111,23 +110,15 @@ async def test_follower_fails_cleanly_when_the_other_login_is_denied(two_lifecyc
 
 
 @pytest.mark.slow
-def test_two_proxies_on_one_qwen_home_run_one_login(standin, tmp_path, mitm_confdir):
-    common = dict(
-        confdir=mitm_confdir,
-        qwen_home=tmp_path / "qwen",
-        oauth_url=standin.base_url,
-        upstream_ca=standin.ca_path,
-        mode=f"reverse:{standin.base_url}",
-        options={"qwen_hosts": ["localhost"]},
-    )
-    with Mitmdump(**common) as one, Mitmdump(**common) as two:
-        urls = [f"http://127.0.0.1:{p.port}/v1/chat/completions" for p in (one, two)]
-        answers = [httpx.post(url, json=CHAT, timeout=30) for url in urls]
-        assert [a.status_code for a in answers] == [503, 503]
-        codes = {a.json()["error"]["user_code"] for a in answers}
-        assert len(codes) == 1 and standin.counts["device_code"] == 1
-        standin.approve(codes.pop())
-        one.wait_for_log("Qwen login approved")
-        assert httpx.post(urls[0], json=CHAT, timeout=30).status_code == 200
-        two.wait_for_log("Qwen login approved|credentials loaded")
-        assert httpx.post(urls[1], json=CHAT, timeout=30).status_code == 200
+def test_two_proxies_on_one_qwen_home_run_one_login(standin, start_proxy):
+    one, two = (start_proxy(mode=f"reverse:{standin.base_url}") for _ in range(2))
+    urls = [f"http://127.0.0.1:{p.port}/v1/chat/completions" for p in (one, two)]
+    answers = [httpx.post(url, json=CHAT, timeout=30) for url in urls]
+    assert [a.status_code for a in answers] == [503, 503]
+    codes = {a.json()["error"]["user_code"] for a in answers}
+    assert len(codes) == 1 and standin.counts["device_code"] == 1
+    standin.approve(codes.pop())
+    one.wait_for_log("Qwen login approved")
+    assert httpx.post(urls[0], json=CHAT, timeout=30).status_code == 200
+    two.wait_for_log("Qwen login approved|credentials loaded")
+    assert httpx.post(urls[1], json=CHAT, timeout=30).status_code == 200

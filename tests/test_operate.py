@@ -14,8 +14,7 @@ from mitmproxy import io as mitmio
 
 from qwenproxy.store import CredentialStore
 
-from .conftest import CHAT, seed, through
-from .harness import Mitmdump
+from .conftest import CHAT, proxy_for, seed, through
 
 pytestmark = pytest.mark.slow
 
@@ -129,24 +128,15 @@ def non_loopback_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_non_loopback_clients_are_refused(standin, tmp_path, mitm_confdir):
+def test_non_loopback_clients_are_refused(standin, tmp_path, start_proxy):
     address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback address to connect from")
     seed(standin, tmp_path / "qwen")
-    proxy = Mitmdump(
-        confdir=mitm_confdir,
-        qwen_home=tmp_path / "qwen",
-        oauth_url=standin.base_url,
-        upstream_ca=standin.ca_path,
-        mode=f"reverse:{standin.base_url}",
-        options={"qwen_hosts": ["localhost"]},
-        listen_host=address,
-    )
-    with proxy:
-        base = f"http://{address}:{proxy.port}"
-        login = httpx.post(f"{base}/__qwen__/login")
-        chat = httpx.post(f"{base}/v1/chat/completions", json=CHAT)
+    proxy = start_proxy(mode=f"reverse:{standin.base_url}", listen_host=address)
+    base = f"http://{address}:{proxy.port}"
+    login = httpx.post(f"{base}/__qwen__/login")
+    chat = httpx.post(f"{base}/v1/chat/completions", json=CHAT)
     assert login.status_code == 403 and chat.status_code == 403
     assert "qwen_allow_remote" in chat.json()["error"]["message"]
     assert standin.counts["device_code"] == 0 and standin.counts["chat"] == 0
@@ -155,15 +145,10 @@ def test_non_loopback_clients_are_refused(standin, tmp_path, mitm_confdir):
 def test_saved_flows_and_har_hold_no_token_and_replay_works(standin, tmp_path, mitm_confdir):
     creds = seed(standin, tmp_path / "qwen")
     flows, har = tmp_path / "flows.mitm", tmp_path / "flows.har"
-    common = dict(
-        confdir=mitm_confdir,
-        qwen_home=tmp_path / "qwen",
-        oauth_url=standin.base_url,
-        upstream_ca=standin.ca_path,
-        mode=f"reverse:{standin.base_url}",
-    )
-    with Mitmdump(
-        **common, options={"qwen_hosts": ["localhost"], "hardump": har}, args=["-w", str(flows)]
+    reverse = f"reverse:{standin.base_url}"
+    home = tmp_path / "qwen"
+    with proxy_for(
+        standin, mitm_confdir, home, reverse, options={"hardump": har}, args=["-w", str(flows)]
     ) as proxy:
         for stream in (False, True):
             answer = httpx.post(
@@ -184,9 +169,12 @@ def test_saved_flows_and_har_hold_no_token_and_replay_works(standin, tmp_path, m
     # Replaying the saved flows: the addon injects a fresh token again.
     replayed = tmp_path / "replayed.mitm"
     before = standin.counts["chat"]
-    with Mitmdump(
-        **common,
-        options={"qwen_hosts": ["localhost"], "flow_detail": 1},
+    with proxy_for(
+        standin,
+        mitm_confdir,
+        home,
+        reverse,
+        options={"flow_detail": 1},
         args=["-C", str(flows), "-w", str(replayed)],
     ) as proxy:
         first = proxy.wait_for_log(r"<< 200", timeout=30)

@@ -19,19 +19,12 @@ from qwenproxy.standin import Fault
 from qwenproxy.store import Credentials, CredentialStore, parse_credentials
 from qwenproxy.tokens import State, TokenManager, Unavailable
 
+from .conftest import seed
 from .harness import ROOT, clean_env
 
 
 def make_client(standin, **kwargs) -> OAuthClient:
     return OAuthClient(standin.base_url, verify=standin.client_ssl_context(), **kwargs)
-
-
-@pytest.fixture
-async def closing():
-    managers: list[TokenManager] = []
-    yield managers.append
-    for m in managers:
-        await m.aclose()
 
 
 def manager(standin, home: Path, closing, **kwargs) -> TokenManager:
@@ -44,19 +37,6 @@ def manager(standin, home: Path, closing, **kwargs) -> TokenManager:
     m = TokenManager(store, make_client(standin, **client_kwargs), **kwargs)
     closing(m)
     return m
-
-
-def seed(home: Path, token_response: dict, *, expired: bool = False) -> Credentials:
-    expiry = time.time() - 60 if expired else time.time() + token_response["expires_in"]
-    creds = Credentials(
-        access_token=token_response["access_token"],
-        refresh_token=token_response["refresh_token"],
-        token_type="Bearer",
-        expiry_date=int(expiry * 1000),
-        resource_url=token_response.get("resource_url"),
-    )
-    CredentialStore(home).save(creds)
-    return creds
 
 
 async def approve_when_asked(standin, *, deny: bool = False) -> str:
@@ -210,7 +190,7 @@ async def test_hundreds_of_callers_cause_one_device_authorization(make_standin, 
 
 
 async def test_fifty_callers_with_an_expired_token_cause_one_refresh(standin, tmp_path, closing):
-    old = seed(tmp_path / "qwen", standin.mint_tokens(), expired=True)
+    old = seed(standin, tmp_path / "qwen", expired=True)
     tokens = manager(standin, tmp_path / "qwen", closing)
     results = await asyncio.gather(*(tokens.acquire() for _ in range(50)))
     assert all(isinstance(r, Credentials) for r in results)
@@ -223,7 +203,7 @@ async def test_fifty_callers_with_an_expired_token_cause_one_refresh(standin, tm
 
 
 async def test_dead_refresh_token_starts_a_login_and_keeps_the_file(standin, tmp_path, closing):
-    old = seed(tmp_path / "qwen", standin.mint_tokens(), expired=True)
+    old = seed(standin, tmp_path / "qwen", expired=True)
     standin.revoke_refresh_tokens()
     tokens = manager(standin, tmp_path / "qwen", closing)
     why = await tokens.acquire()
@@ -234,7 +214,7 @@ async def test_dead_refresh_token_starts_a_login_and_keeps_the_file(standin, tmp
 
 
 async def test_refresh_server_failure_is_retried_after_a_cooldown(standin, tmp_path, closing):
-    seed(tmp_path / "qwen", standin.mint_tokens(), expired=True)
+    seed(standin, tmp_path / "qwen", expired=True)
     standin.add_fault("token", Fault(status=503), times=1)
     clock = FakeTime()
     clock.now = time.time()
@@ -251,10 +231,10 @@ async def test_refresh_server_failure_is_retried_after_a_cooldown(standin, tmp_p
 
 async def test_refresh_under_lock_reuses_a_token_another_process_wrote(standin, tmp_path, closing):
     home = tmp_path / "qwen"
-    seed(home, standin.mint_tokens(), expired=True)
+    seed(standin, home, expired=True)
     tokens = manager(standin, home, closing)
     assert tokens.usable() is None
-    fresh = seed(home, standin.mint_tokens())  # another process refreshed meanwhile
+    fresh = seed(standin, home)  # another process refreshed meanwhile
     result = await tokens.acquire()
     assert result.access_token == fresh.access_token
     assert standin.counts["token_refresh"] == 0
@@ -262,11 +242,11 @@ async def test_refresh_under_lock_reuses_a_token_another_process_wrote(standin, 
 
 async def test_file_replaced_by_another_process_is_picked_up(standin, tmp_path, closing):
     home = tmp_path / "qwen"
-    first = seed(home, standin.mint_tokens())
+    first = seed(standin, home)
     clock = FakeTime()
     tokens = manager(standin, home, closing, clock=clock, check_interval_s=5)
     assert tokens.usable().access_token == first.access_token
-    second = seed(home, standin.mint_tokens())
+    second = seed(standin, home)
     os.utime(home / "oauth_creds.json", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     assert tokens.usable().access_token == first.access_token  # throttled: no stat yet
     clock.now += 5
@@ -279,7 +259,7 @@ async def test_login_from_another_process_ends_the_pending_login(make_standin, t
     tokens = manager(standin, home, closing, check_interval_s=0)
     tokens.start_login()
     await asyncio.to_thread(standin.wait_for_device_code, 10)
-    fresh = seed(home, standin.mint_tokens())
+    fresh = seed(standin, home)
     assert tokens.usable().access_token == fresh.access_token
     await tokens.wait_login()
     assert tokens.snapshot().state is State.VALID
@@ -303,7 +283,7 @@ async def test_corrupt_file_is_reported_then_set_aside_by_the_next_login(make_st
 
 def test_two_processes_refreshing_at_once_cause_one_refresh(standin, tmp_path):
     home = tmp_path / "qwen"
-    seed(home, standin.mint_tokens(), expired=True)
+    seed(standin, home, expired=True)
     env = clean_env(PYTHONPATH=str(ROOT / "addon"))
     worker = Path(__file__).parent / "helpers" / "refresh_worker.py"
     procs = [
