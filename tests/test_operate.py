@@ -202,3 +202,21 @@ async def test_no_log_line_holds_a_token_even_at_full_verbosity(standin, start_p
     assert len(sent) == 2, "the refreshed token, then the one after the revocation"
     for secret in (old.access_token, old.refresh_token, new.refresh_token, *sent):
         assert secret not in log
+
+
+async def test_rejected_token_on_a_streamed_request_body_gives_a_clear_retryable_error(
+    standin, start_proxy, tmp_path
+):
+    seed(standin, tmp_path / "qwen")
+    proxy = start_proxy(stream_large_bodies="2k")  # a long prompt's body streams upstream
+    long_prompt = {**CHAT, "messages": [{"role": "user", "content": "x" * 4000}]}
+    standin.revoke_access_tokens()
+    async with through(proxy) as client:
+        first = await client.post(chat_url(standin), json=long_prompt)
+        second = await client.post(chat_url(standin), json=long_prompt)
+    assert "Streaming request" in proxy.log
+    assert first.status_code == 503 and first.headers["Retry-After"] == "0"
+    assert first.json()["error"]["code"] == "retry_request"
+    assert "cannot be sent again" in first.json()["error"]["message"]
+    assert second.status_code == 200, "the token was refreshed meanwhile"
+    assert standin.counts["token_refresh"] == 1

@@ -476,6 +476,10 @@ class QwenAuth:
         except (oauth.OAuthError, LockTimeout, OSError) as e:
             log.warning("token refresh after an upstream %d failed: %s", rejected, e)
             return  # the client gets the upstream's answer as it was
+        if flow.response.stream:
+            # mitmproxy streamed the answer anyway (stream_large_bodies below its size): it has
+            # reached the client; the next request gets the new token.
+            return
         if flow.request.stream or flow.request.raw_content is None:
             flow.response = json_response(
                 503,
