@@ -394,13 +394,13 @@ class QwenAuth:
             response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        handled = self._flows.get(flow)
+        handled = self._flows.pop(flow, None)  # the flow is done with: mitmweb may keep it for long
         if handled is None or not handled.retry or not flow.live:
             return
         await self._retry_rejected(flow, handled)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        handled = self._flows.get(flow)
+        handled = self._flows.pop(flow, None)
         if handled is not None:
             self._redact(flow, handled)
 
