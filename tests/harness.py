@@ -39,8 +39,10 @@ class Mitmdump:
         options: dict[str, object] | None = None,
         args: list[str] | None = None,
         listen_host: str = "127.0.0.1",
+        with_addon: bool = True,
     ):
         self.confdir = confdir
+        self.with_addon = with_addon
         self.options = {
             "confdir": confdir,
             "qwen_home": qwen_home,
@@ -70,8 +72,7 @@ class Mitmdump:
     def command(self) -> list[str]:
         cmd = [
             str(MITMDUMP),
-            "-s",
-            str(SCRIPT),
+            *(["-s", str(SCRIPT)] if self.with_addon else []),  # without: qwen_* options are ignored
             "--listen-host",
             self.listen_host,
             "-p",

@@ -9,9 +9,10 @@ import shutil
 import subprocess
 import threading
 
+import httpx
 import pytest
 
-from .conftest import CHAT, seed, through
+from .conftest import CHAT, proxy_for, seed, through
 from .harness import Mitmdump, clean_env
 
 pytestmark = pytest.mark.slow
@@ -159,3 +160,34 @@ async def test_requests_to_other_hosts_are_untouched(standin, start_proxy, tmp_p
     assert sent["Authorization"] == "Bearer client-own-key"
     assert "X-DashScope-AuthType" not in sent
     assert not sent.get("User-Agent", "").startswith("QwenCode/")
+
+
+async def test_plain_http_through_the_regular_proxy_to_a_loopback_api(make_standin, start_proxy, tmp_path):
+    standin = make_standin(tls=False)
+    seed(standin, tmp_path / "qwen")
+    proxy = start_proxy(standin=standin)
+    async with httpx.AsyncClient(proxy=proxy.proxy_url, timeout=30) as client:
+        answer = await client.post(f"{standin.base_url}/v1/chat/completions", json=CHAT)
+    assert standin.base_url.startswith("http://localhost:")
+    assert answer.status_code == 200
+    assert standin.requests[-1].headers["X-DashScope-AuthType"] == "qwen-oauth"
+
+
+async def test_upstream_mode_injects_and_recovers_a_401_through_the_upstream_proxy(
+    standin, start_proxy, tmp_path, mitm_confdir
+):
+    seed(standin, tmp_path / "qwen")
+    # The next proxy in the chain: a bare mitmdump that only tunnels.
+    with proxy_for(
+        standin, mitm_confdir, tmp_path / "unused", with_addon=False, options={"ignore_hosts": [".*"]}
+    ) as upstream:
+        proxy = start_proxy(mode=f"upstream:http://127.0.0.1:{upstream.port}")
+        async with through(proxy) as client:
+            first = await client.post(f"{standin.base_url}/v1/chat/completions", json=CHAT)
+            standin.revoke_access_tokens()
+            second = await client.post(f"{standin.base_url}/v1/chat/completions", json=CHAT)
+        tunnels = upstream.log.count("client connect")
+    assert tunnels == 2, "one tunnel for the proxy's traffic, one for the retry with the new token"
+    assert first.status_code == 200
+    assert second.status_code == 200, "refreshed, and resent through the upstream proxy"
+    assert standin.counts["token_refresh"] == 1 and standin.counts["unauthorized"] == 1
