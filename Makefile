@@ -25,7 +25,9 @@ $(STAMP): $(RUN_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/mitmdump -s addon/qwen_addon.py --listen-host 127.0.0.1 $(ARGS)
 
+# Qwen Code itself (from npm, into .cache/) for the interoperability tests; they skip without it.
 test: $(STAMP)
+	@bash .ci/install-qwen-code
 	$(BIN)/python -m pytest -n 4 $(ARGS)
 
 lint: $(STAMP)
