@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import ipaddress
 import json
 import logging
 import ssl
@@ -73,19 +72,12 @@ def is_local_client(flow: http.HTTPFlow) -> bool:
         return True
     try:
         return _is_loopback_peer(flow.client_conn.peername[0])
-    except (IndexError, TypeError):
+    except (IndexError, TypeError, AttributeError):
         return False
 
 
-@functools.lru_cache(maxsize=256)
-def _is_loopback_peer(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except (ValueError, TypeError, AttributeError):
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback
+# Peers come back again and again: decide each address once.
+_is_loopback_peer = functools.lru_cache(maxsize=256)(oauth.is_loopback_host)
 
 
 @functools.lru_cache(maxsize=8)

@@ -120,13 +120,18 @@ def _b64url(raw: bytes) -> str:
 
 
 def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]").lower()
+    """Whether a host name or address (IPv6 in brackets, with a scope, or IPv4-mapped) is this
+    machine's loopback."""
+    host = host.strip("[]").split("%", 1)[0].lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def check_oauth_base_url(url: str) -> str:
