@@ -191,3 +191,29 @@ async def test_upstream_mode_injects_and_recovers_a_401_through_the_upstream_pro
     assert first.status_code == 200
     assert second.status_code == 200, "refreshed, and resent through the upstream proxy"
     assert standin.counts["token_refresh"] == 1 and standin.counts["unauthorized"] == 1
+
+
+@needs_curl
+def test_http2_clients_get_the_token_and_the_503_too(standin, start_proxy):
+    # Lazy, without upstream cert sniffing: mitmproxy offers HTTP/2 to the client without asking
+    # the (HTTP/1.1-only) stand-in first, and translates.
+    proxy = start_proxy(connection_strategy="lazy", upstream_cert="false")
+    url = f"{standin.base_url}/v1/chat/completions"
+    post = (
+        "--http2",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps(CHAT),
+        "-w",
+        "%{http_version}",
+    )
+    status, _, body = curl(proxy, url, *post)
+    assert status == 503 and body.endswith(b"2"), "answered over HTTP/2"
+    assert json.loads(body[:-1])["error"]["user_code"]
+    mark = len(proxy.lines)
+    standin.approve()
+    proxy.wait_for_log("Qwen login approved", start=mark)
+    status, _, body = curl(proxy, url, *post)
+    assert status == 200 and body.endswith(b"2")
+    assert standin.requests[-1].headers["X-DashScope-AuthType"] == "qwen-oauth"
