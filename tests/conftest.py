@@ -16,7 +16,7 @@ from qwenproxy.standin import StandIn
 from qwenproxy.store import Credentials, CredentialStore
 from qwenproxy.tokens import TokenManager
 
-from .harness import Mitmdump
+from .harness import SCRIPT, Mitmdump
 
 # Property tests run beside processes and servers: judge them by their examples, not their speed.
 settings.register_profile("suite", deadline=None)
@@ -96,7 +96,14 @@ def proxy_for(standin: StandIn, confdir: Path, qwen_home: Path, mode: str = "reg
 def start_proxy(standin, tmp_path, mitm_confdir):
     started: list[Mitmdump] = []
 
-    def start(mode: str = "regular", standin: StandIn = standin, args=(), listen_host="127.0.0.1", **options):
+    def start(
+        mode: str = "regular",
+        standin: StandIn = standin,
+        args=(),
+        listen_host="127.0.0.1",
+        script=SCRIPT,
+        **options,
+    ):
         """A started mitmdump for `standin` (the `standin` fixture unless given), Qwen home
         tmp_path/qwen; keyword arguments are mitmproxy options."""
         proxy = proxy_for(
@@ -107,6 +114,7 @@ def start_proxy(standin, tmp_path, mitm_confdir):
             options=options,
             args=list(args),
             listen_host=listen_host,
+            script=script,
         ).start()
         started.append(proxy)
         return proxy

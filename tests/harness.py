@@ -40,9 +40,11 @@ class Mitmdump:
         args: list[str] | None = None,
         listen_host: str = "127.0.0.1",
         with_addon: bool = True,
+        script: Path = SCRIPT,
     ):
         self.confdir = confdir
         self.with_addon = with_addon
+        self.script = script
         self.options = {
             "confdir": confdir,
             "qwen_home": qwen_home,
@@ -72,7 +74,7 @@ class Mitmdump:
     def command(self) -> list[str]:
         cmd = [
             str(MITMDUMP),
-            *(["-s", str(SCRIPT)] if self.with_addon else []),  # without: qwen_* options are ignored
+            *(["-s", str(self.script)] if self.with_addon else []),  # without: qwen_* options are ignored
             "--listen-host",
             self.listen_host,
             "-p",

@@ -15,6 +15,7 @@ from mitmproxy import io as mitmio
 from qwenproxy.store import CredentialStore
 
 from .conftest import CHAT, proxy_for, seed, through
+from .harness import SCRIPT
 
 pytestmark = pytest.mark.slow
 
@@ -220,3 +221,25 @@ async def test_rejected_token_on_a_streamed_request_body_gives_a_clear_retryable
     assert "cannot be sent again" in first.json()["error"]["message"]
     assert second.status_code == 200, "the token was refreshed meanwhile"
     assert standin.counts["token_refresh"] == 1
+
+
+def test_script_hot_reload_during_a_pending_login_leaves_nothing_behind(standin, start_proxy, tmp_path):
+    script = tmp_path / "qwen_addon.py"
+    script.write_text(SCRIPT.read_text())
+    proxy = start_proxy(mode=f"reverse:{standin.base_url}", script=script)
+    url = f"http://127.0.0.1:{proxy.port}/v1/chat/completions"
+    first = httpx.post(url, json=CHAT, timeout=30).json()["error"]["user_code"]
+
+    mark = len(proxy.lines)
+    script.write_text(SCRIPT.read_text() + "\n# edited\n")  # mitmproxy notices and reloads
+    proxy.wait_for_log("Loading script", start=mark)
+    proxy.wait_for_log("not logged in to Qwen", start=mark)  # the new addon is running
+
+    second = httpx.post(url, json=CHAT, timeout=30).json()["error"]["user_code"]
+    assert second != first, "the old addon's login was cancelled with it; a fresh one started"
+    standin.approve(second)
+    proxy.wait_for_log("Qwen login approved", start=mark)
+    assert httpx.post(url, json=CHAT, timeout=30).status_code == 200
+    assert proxy.stop() == 0
+    assert "Traceback" not in proxy.log and "Task was destroyed" not in proxy.log
+    assert not (tmp_path / "qwen" / "oauth_creds.lock").exists()

@@ -629,6 +629,10 @@ def _status_page_hint(opts) -> str:
     if isinstance(mode, mode_specs.ReverseMode):
         host = mode.listen_host(opts.listen_host) or "127.0.0.1"
         port = mode.listen_port(opts.listen_port)
+        if not port:  # -p 0: the port the OS picked
+            server = ctx.master.addons.get("proxyserver")
+            addrs = server.listen_addrs() if server else []
+            port = addrs[0][1] if addrs else port
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{status.PATH_PREFIX}/"
     return f"http://{status.MAGIC_HOST}/ through the proxy"
 
