@@ -12,6 +12,7 @@ import httpx
 import pytest
 from mitmproxy import io as mitmio
 
+from qwenproxy.standin import Fault
 from qwenproxy.store import CredentialStore
 
 from .conftest import CHAT, proxy_for, seed, through
@@ -243,3 +244,18 @@ def test_script_hot_reload_during_a_pending_login_leaves_nothing_behind(standin,
     assert proxy.stop() == 0
     assert "Traceback" not in proxy.log and "Task was destroyed" not in proxy.log
     assert not (tmp_path / "qwen" / "oauth_creds.lock").exists()
+
+
+async def test_a_persistent_403_causes_one_refresh_not_one_per_request(standin, start_proxy, tmp_path):
+    seed(standin, tmp_path / "qwen")
+    forbidden = {
+        "error": {"message": "model not allowed", "type": "invalid_request_error", "code": "forbidden"}
+    }
+    standin.add_fault("chat", Fault(status=403, body=forbidden), times=10)
+    proxy = start_proxy()
+    async with through(proxy) as client:
+        answers = [await client.post(chat_url(standin), json=CHAT) for _ in range(5)]
+    assert [a.status_code for a in answers] == [403] * 5
+    assert answers[-1].json()["error"]["message"] == "model not allowed"
+    assert standin.counts["token_refresh"] == 1, "refreshed once; then the 403 is not the token's fault"
+    assert standin.counts["faults"] == 6  # 5 requests + the one retry after the refresh

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 META = "qwen"  # flow.metadata key of the flows we handle (saved with flows: never a token in it)
+# A 401/403 for a token that a forced refresh produced less than this ago is not the token's
+# fault (a model the account may not use, say): it passes through instead of refreshing again.
+FORCED_REFRESH_QUIET_S = 60.0
 _UNSET = object()
 
 
@@ -144,6 +147,7 @@ class QwenAuth:
         self._account: tuple[object, routing.Origin | None] = (_UNSET, None)
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, _Handled] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Task] = set()
+        self._forced: tuple[str, float] = ("", 0.0)  # the token a forced refresh gave, and when
         self._allow_remote = False
         self._route_enabled = True
 
@@ -457,6 +461,13 @@ class QwenAuth:
         """The API rejected the token: refresh once (shared) and send the request once more."""
         assert self.tokens is not None and self.resender is not None and flow.response is not None
         rejected = flow.response.status_code
+        forced_token, forced_at = self._forced
+        if (
+            handled.creds.access_token == forced_token
+            and self.tokens.clock() - forced_at < FORCED_REFRESH_QUIET_S
+        ):
+            log.info("Qwen API answered %d for a token refreshed just now: passing it through", rejected)
+            return
         log.info(
             "Qwen API answered %d for %s; refreshing the token and retrying once", rejected, flow.request.url
         )
@@ -468,6 +479,8 @@ class QwenAuth:
         except (oauth.OAuthError, LockTimeout, OSError) as e:
             log.warning("token refresh after an upstream %d failed: %s", rejected, e)
             return  # the client gets the upstream's answer as it was
+        if creds.access_token != handled.creds.access_token and creds.access_token != forced_token:
+            self._forced = (creds.access_token, self.tokens.clock())
         if flow.response.stream:
             # mitmproxy streamed the answer anyway (stream_large_bodies below its size): it has
             # reached the client; the next request gets the new token.
