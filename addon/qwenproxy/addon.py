@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import logging
-import ssl
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
 from . import oauth, routing, status
-from .oauth import OAuthClient, check_oauth_base_url
+from .oauth import OAuthClient, check_oauth_base_url, tls_verification
 from .profile import QWEN, api_header_fields
 from .store import Credentials, CredentialStore, LockTimeout, mask, resolve_home
 from .terminal import TerminalAnnouncer
@@ -261,7 +260,7 @@ class QwenAuth:
             self._spawn(old_tokens.aclose())
         if old_resender is not None:
             self._spawn(old_resender.aclose())
-        verify = _tls_context(opts.ssl_verify_upstream_trusted_ca)
+        verify = tls_verification(opts.ssl_verify_upstream_trusted_ca)
         store = CredentialStore(resolve_home(opts.qwen_home or None))
         self.tokens = TokenManager(
             store,
@@ -666,18 +665,3 @@ def _upstream_proxy(modes: Sequence[str]) -> str | None:
         if isinstance(mode, mode_specs.UpstreamMode):
             return f"{mode.scheme}://{mode.address[0]}:{mode.address[1]}"
     return None
-
-
-def _tls_context(extra_ca: str | None) -> ssl.SSLContext | bool:
-    """TLS verification: the system's CAs, plus mitmproxy's upstream CA file if set."""
-    if not extra_ca:
-        return True
-    context = ssl.create_default_context()
-    try:
-        import certifi  # mitmproxy depends on it
-
-        context.load_verify_locations(certifi.where())
-    except ImportError:
-        pass
-    context.load_verify_locations(extra_ca)
-    return context

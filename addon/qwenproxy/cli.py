@@ -12,8 +12,7 @@ import logging
 import sys
 import time
 
-from .addon import _tls_context
-from .oauth import OAuthClient, check_oauth_base_url
+from .oauth import OAuthClient, check_oauth_base_url, tls_verification
 from .profile import QWEN
 from .store import CredentialStore, mask, resolve_home
 from .terminal import TerminalAnnouncer
@@ -40,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _manager(args, **kwargs) -> TokenManager:
     store = CredentialStore(resolve_home(args.qwen_home))
-    client = OAuthClient(args.oauth_url, verify=_tls_context(args.ca))
+    client = OAuthClient(args.oauth_url, verify=tls_verification(args.ca))
     return TokenManager(store, client, **kwargs)
 
 

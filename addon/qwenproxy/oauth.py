@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import secrets
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -147,6 +148,22 @@ def check_oauth_base_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError(f"OAuth URL must not carry a query or fragment, got {url!r}")
     return url.strip().rstrip("/")
+
+
+def tls_verification(extra_ca: str | None) -> ssl.SSLContext | bool:
+    """TLS verification for httpx: the system's CAs, plus an extra CA file if given (mitmproxy's
+    `ssl_verify_upstream_trusted_ca`, or the CLI's `--ca`)."""
+    if not extra_ca:
+        return True
+    context = ssl.create_default_context()
+    try:
+        import certifi  # mitmproxy depends on it
+
+        context.load_verify_locations(certifi.where())
+    except ImportError:
+        pass
+    context.load_verify_locations(extra_ca)
+    return context
 
 
 def _number(value: Any) -> float | None:
